@@ -166,6 +166,8 @@ def _solve(
     c = torch.tensor(start, dtype=torch.float64, device=device)
     inf = torch.tensor(math.inf, dtype=torch.float32, device=device)
     iters = 0
+    # clamping hides +-inf, so check the raw sum once (one cheap pass; NaN also shows in f)
+    raw_total = torch.stack([p.sum() for p in parts]).sum()
     for block in range(_MAX_BLOCKS):
         for _ in range(_FIRST_BLOCK if block == 0 else _BLOCK):
             c32 = c.float()
@@ -178,7 +180,7 @@ def _solve(
         # target to the accuracy of a float32 sum (a few ulps): more steps only jitter.
         ulp = torch.nextafter(c32.abs(), inf) - c32.abs()
         done = ((c.float() - c32).abs() <= ulp) | ((f - target).abs() <= _SUM_RTOL * max(target, 1.0))
-        ok = torch.isfinite(f)
+        ok = torch.isfinite(f) & torch.isfinite(raw_total)
         state = torch.stack([done, ok]).tolist()  # the one host sync of this block
         if not state[1]:
             raise ValueError(
