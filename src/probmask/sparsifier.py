@@ -105,7 +105,8 @@ class ProbMask:
         self.shapes = [tuple(p.shape) for p in params]
         self.sizes = [p.numel() for p in params]
         self.total = sum(self.sizes)
-        self.target_kept = int(math.floor((1.0 - self.sparsity) * self.total))
+        # at most (1 - sparsity) * n, without losing one to rounding (0.1 * 266200 = 26619.999...)
+        self.target_kept = int(math.floor((1.0 - self.sparsity) * self.total + 1e-6))
         if self.target_kept < 1:
             raise ValueError(
                 f"sparsity {self.sparsity} of {self.total} prunable weights keeps none; lower it"
