@@ -41,11 +41,12 @@ def accumulate_samples(loss_fn: Callable[[], Tensor], num_samples: int) -> Tenso
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    total = torch.zeros(())
+    total: Tensor | None = None
     for _ in range(num_samples):
         loss = loss_fn() / num_samples
         loss.backward()
-        total = total + loss.detach().cpu()
+        total = loss.detach() if total is None else total + loss.detach()  # stays on device
+    assert total is not None
     return total
 
 
@@ -105,6 +106,7 @@ class ProbMask:
         self.shapes = [tuple(p.shape) for p in params]
         self.sizes = [p.numel() for p in params]
         self.total = sum(self.sizes)
+        self._offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         # at most (1 - sparsity) * n, without losing one to rounding (0.1 * 266200 = 26619.999...)
         self.target_kept = int(math.floor((1.0 - self.sparsity) * self.total + 1e-6))
         if self.target_kept < 1:
@@ -240,7 +242,7 @@ class ProbMask:
 
     def _fixed_view(self, index: int) -> Tensor:
         assert self._fixed is not None
-        start = sum(self.sizes[:index])
+        start = self._offsets[index]
         return self._fixed[start : start + self.sizes[index]].view(self.shapes[index])
 
     # ------------------------------------------------------------------ training API
