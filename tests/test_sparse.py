@@ -83,17 +83,33 @@ def test_max_density_decides_which_layers_convert():
         to_sparse(model, max_density=2.0)
 
 
-def test_calibration_keeps_only_layers_that_are_faster():
+def test_calibration_keeps_only_layers_that_are_faster(monkeypatch):
     """With example_input, a layer stays dense unless its CSR version timed faster."""
-    big = mlp((1024, 1024, 4))
+    model = mlp((64, 64, 64, 10))
     with torch.no_grad():
-        big[0].weight.mul_(torch.rand(1024, 1024) < 0.005)  # very sparse and large: CSR wins
-    calibrated = to_sparse(big, example_input=torch.randn(1, 1024), repeats=9)
-    assert "0" in sparse_layers(calibrated)
-    assert "2" not in sparse_layers(calibrated)  # 4x1024 at full density is not a candidate
-    x = torch.randn(2, 1024)
+        for layer in model[::2]:
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    x = torch.randn(3, 64)
     with torch.inference_mode():
-        torch.testing.assert_close(calibrated(x), big(x), atol=1e-5, rtol=0)
+        expected = model(x)
+        real = to_sparse(model, example_input=x, repeats=3)  # real timings: any choice is correct
+        torch.testing.assert_close(real(x), expected, atol=1e-5, rtol=0)
+
+    seen_shapes = []
+
+    def fake_time(fn, repeats):  # dense: 2; CSR: 1 for the 64x64 layers, 3 for the last one
+        module, layer_input = fn.__defaults__
+        seen_shapes.append(tuple(layer_input.shape))
+        if isinstance(module, SparseLinear):
+            return 1.0 if module.out_features == 64 else 3.0
+        return 2.0
+
+    monkeypatch.setattr("probmask.sparse._median_time", fake_time)
+    calibrated = to_sparse(model, example_input=x)
+    assert sparse_layers(calibrated) == ["0", "2"]  # both 64x64 layers "faster", the 64->10 not
+    assert set(seen_shapes) == {(3, 64)}  # each layer was timed on the input it really gets
+    with torch.inference_mode():
+        torch.testing.assert_close(calibrated(x), expected, atol=1e-5, rtol=0)
 
 
 def test_model_that_is_a_single_linear_and_copies():

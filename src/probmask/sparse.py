@@ -56,8 +56,12 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 class _CSRWeight(nn.Module):
     """Holds a CSR weight as three plain buffers, so that copy, ``.to()`` and ``state_dict`` work.
 
-    (CSR tensors themselves cannot be deep-copied; building one from the buffers costs ~3 us.)
+    CSR tensors themselves cannot be deep-copied or saved as buffers everywhere; the CSR view of
+    the buffers is built once and rebuilt only when a buffer is replaced (``.to()``, loading).
     """
+
+    _shape: tuple[int, int]
+    _cache: tuple[tuple[int, ...], Tensor] | None = None
 
     def _set_weight(self, matrix: Tensor) -> None:
         csr = csr32(matrix)
@@ -69,11 +73,24 @@ class _CSRWeight(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The weight as a 2-D CSR tensor (``(out, in)``, or ``(out, in * kh * kw)`` for a conv)."""
-        return _csr(self.crow_indices, self.col_indices, self.values, self._shape)
+        buffers = self._buffers
+        crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
+        assert crow is not None and col is not None and values is not None
+        key = (crow.data_ptr(), col.data_ptr(), values.data_ptr(), values.numel())
+        cache = self._cache
+        if cache is None or cache[0] != key:
+            cache = (key, _csr(crow, col, values, self._shape))
+            self._cache = cache
+        return cache[1]
 
     @property
     def nnz(self) -> int:
         return int(self.values.numel())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # a CSR tensor cannot be pickled or deep-copied; rebuilt on use
+        return state
 
 
 def _density(weight: Tensor) -> float:
@@ -96,12 +113,15 @@ class SparseLinear(_CSRWeight):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        # (out, in) CSR @ (in, N): row-major right-hand side, as MKL's sparse mm wants it
-        y = torch.mm(self.weight, x2.t().contiguous()).t()
-        y = y + self.bias if self.bias is not None else y.contiguous()
-        return y.reshape(*lead, self.out_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        # (out, in) CSR @ (in, N) with a row-major right-hand side, as MKL's sparse mm wants it.
+        # The result is returned as a transposed view of the (out, N) product: a following
+        # SparseLinear then gets its (in, N) operand without a copy.
+        rhs = x2.t().contiguous()
+        bias = self.bias
+        y = torch.mm(self.weight, rhs) if bias is None else torch.addmm(bias.unsqueeze(1), self.weight, rhs)
+        y = y.t()
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense(self) -> nn.Linear:
         """The equivalent ``nn.Linear`` (zeros where the weight was not stored)."""
