@@ -1,0 +1,175 @@
+"""``probmask export`` / ``probmask eval``: every format from a run directory, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deploy_util import prune
+from probmask import export
+from probmask.config import config_to_dict, load_config
+from probmask.deploy_cli import main
+from probmask.models import build_model
+
+LENET_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished run directory as the runner writes it: model.pt with the runner's metadata."""
+    root = tmp_path_factory.mktemp("run")
+    cfg = load_config(overrides=["prune.sparsity=0.95"])
+    model, masks = prune(build_model("lenet300", 10, [1, 28, 28]), 0.95)
+    meta = {"model": "lenet300", "model_options": {}, "num_classes": 10, "input_shape": [1, 28, 28],
+            "data": "mnist5k", "method": "probmask", "config": config_to_dict(cfg)}
+    export.save_pt(export.Checkpoint(model.state_dict(), masks, meta), root / "model.pt")
+    (root / "results.json").write_text(json.dumps({"sparsity": 0.95}))
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors", "sparse"])
+def test_export_weight_formats(capsys, run_dir, fmt, tmp_path):
+    out_file = tmp_path / f"lenet.{fmt}"
+    code, out, err = run(capsys, "export", run_dir, "--format", fmt, "--out", out_file)
+    assert code == 0, err
+    assert f"wrote {out_file}" in out
+    original = export.load(run_dir / "model.pt")
+    back = export.load(out_file)
+    for k, v in original.state_dict.items():
+        assert torch.equal(back.state_dict[k], v)
+    assert back.meta["model"] == "lenet300" and back.meta["config"]["prune"]["sparsity"] == 0.95
+    if fmt == "sparse":
+        assert out_file.stat().st_size * 5 < (run_dir / "model.pt").stat().st_size
+
+
+def test_export_default_output_goes_to_the_run_directory(capsys, run_dir):
+    code, out, err = run(capsys, "export", run_dir, "--format", "sparse")
+    assert code == 0, err
+    target = run_dir / "export" / "model.sparse.safetensors"
+    assert target.is_file() and str(target) in out
+    shutil.rmtree(run_dir / "export")
+
+
+def test_export_onnx_checks_with_onnxruntime(capsys, run_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    code, out, err = run(capsys, "export", run_dir, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert code == 0, err
+    assert "onnxruntime matches PyTorch" in out
+    assert (tmp_path / "m.onnx").stat().st_size > 4 * LENET_WEIGHTS
+
+
+def test_eval_run_directory_and_exported_file_agree(capsys, run_dir, tmp_path):
+    code, out, err = run(capsys, "eval", run_dir, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["total"] == LENET_WEIGHTS
+    assert report["sparsity"] == pytest.approx(0.95, abs=1e-6)
+    assert report["dense_macs"] == LENET_WEIGHTS
+    assert report["effective_macs"] == report["kept"]
+    assert report["sparse_bytes"] * 5 < report["dense_bytes"]
+    assert 0.0 <= report["test_accuracy"] <= 100.0  # on the bundled MNIST test split
+    assert [m["name"] for m in report["mac_layers"]] == ["1", "3", "5"]
+
+    export.save_sparse(export.load(run_dir / "model.pt"), tmp_path / "m.sparse")
+    code, out, err = run(capsys, "eval", tmp_path / "m.sparse", "--json", "--no-accuracy")
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["test_accuracy"] is None
+    for key in ("sparsity", "kept", "dense_bytes", "sparse_bytes", "dense_macs", "effective_macs"):
+        assert again[key] == report[key]
+
+
+def test_eval_prints_a_table(capsys, run_dir):
+    code, out, err = run(capsys, "eval", run_dir, "--no-accuracy")
+    assert code == 0, err
+    assert "lenet300 on mnist5k" in out and "effective MACs" in out and "sparsity" in out
+
+
+def test_eval_without_data_still_reports_the_rest(capsys, run_dir, tmp_path):
+    ckpt = export.load(run_dir / "model.pt")
+    ckpt.meta["config"]["data"]["name"] = "cifar10"
+    ckpt.meta["config"]["data"]["root"] = str(tmp_path / "nowhere")
+    export.save_pt(ckpt, tmp_path / "m.pt")
+    code, out, err = run(capsys, "eval", tmp_path / "m.pt")
+    assert code == 0
+    assert "test accuracy not measured" in err
+    assert "sparsity" in out
+
+
+# ---------------------------------------------------------------------------------- bad input
+def assert_user_error(code, err, *needles):
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.startswith("probmask ") and "error:" in err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("command", [["eval"], ["export", "--format", "sparse"]])
+def test_run_directory_without_a_model(capsys, tmp_path, command):
+    code, _, err = run(capsys, command[0], tmp_path, *command[1:])
+    assert_user_error(code, err, "has no model.pt", "not finished")
+
+
+@pytest.mark.parametrize("command", [["eval"], ["export", "--format", "onnx"]])
+def test_truncated_model_file(capsys, run_dir, tmp_path, command):
+    data = (run_dir / "model.pt").read_bytes()
+    (tmp_path / "model.pt").write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, command[0], tmp_path, *command[1:])
+    assert_user_error(code, err, "corrupted or truncated")
+
+
+def test_garbage_and_missing_files(capsys, tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(os.urandom(300))
+    code, _, err = run(capsys, "eval", tmp_path / "junk.safetensors")
+    assert_user_error(code, err)
+    code, _, err = run(capsys, "eval", tmp_path / "missing.pt")
+    assert_user_error(code, err, "does not exist")
+
+
+def test_file_for_a_different_architecture(capsys, run_dir, tmp_path):
+    ckpt = export.load(run_dir / "model.pt")
+    ckpt.meta["model_options"] = {"hidden": [200, 100]}  # the weights are 784-300-100-10
+    export.save_pt(ckpt, tmp_path / "other.pt")
+    code, _, err = run(capsys, "eval", tmp_path / "other.pt")
+    assert_user_error(code, err, "does not fit", "shape mismatch")
+    code, _, err = run(capsys, "export", tmp_path / "other.pt", "--format", "sparse")
+    assert_user_error(code, err, "does not fit")
+
+    ckpt.meta["model"] = "no_such_model"
+    export.save_pt(ckpt, tmp_path / "unknown.pt")
+    code, _, err = run(capsys, "eval", tmp_path / "unknown.pt")
+    assert_user_error(code, err, "unknown model")
+
+
+def test_file_without_metadata_cannot_be_rebuilt(capsys, run_dir, tmp_path):
+    ckpt = export.load(run_dir / "model.pt")
+    torch.save({"state_dict": ckpt.state_dict, "masks": ckpt.masks, "meta": {}}, tmp_path / "bare.pt")
+    code, _, err = run(capsys, "eval", tmp_path / "bare.pt")
+    assert_user_error(code, err, "cannot be rebuilt")
+
+
+def test_export_refuses_to_overwrite_its_input(capsys, run_dir, tmp_path):
+    shutil.copy(run_dir / "model.pt", tmp_path / "model.pt")
+    code, _, err = run(capsys, "export", tmp_path / "model.pt", "--format", "pt")
+    assert_user_error(code, err, "overwrite")
+
+
+def test_exit_status_of_a_real_process(run_dir, tmp_path):
+    """The status is the process's, and no traceback reaches the terminal."""
+    proc = subprocess.run([sys.executable, "-m", "probmask.deploy_cli", "eval", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "has no model.pt" in proc.stderr
