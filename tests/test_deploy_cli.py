@@ -173,3 +173,32 @@ def test_exit_status_of_a_real_process(run_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "has no model.pt" in proc.stderr
+
+
+def test_end_to_end_through_probmask_run(tmp_path, capsys):
+    """A real (tiny) ``probmask run``, then ``probmask eval`` / ``export`` on its directory."""
+    from probmask.cli import main as probmask_main
+
+    out = tmp_path / "run"
+    code = probmask_main(["run", "--out", str(out), "--quiet", "train.epochs=1", "finetune.epochs=1",
+                          "data.train_size=256", "data.test_size=128"])
+    assert code == 0
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+
+    assert probmask_main(["eval", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["test_accuracy"] == pytest.approx(results["test_accuracy"])
+    assert report["recorded_test_accuracy"] == pytest.approx(results["test_accuracy"])
+    assert report["sparsity"] == pytest.approx(results["sparsity"])
+    assert report["kept"] == results["kept"] == report["effective_macs"]
+
+    assert probmask_main(["export", str(out), "--format", "sparse"]) == 0
+    sparse_file = out / "export" / "model.sparse.safetensors"
+    assert sparse_file.stat().st_size * 10 <= (out / "model.pt").stat().st_size
+    original = export.load(out / "model.pt")
+    back = export.load(sparse_file)
+    assert all(torch.equal(back.state_dict[k], v) for k, v in original.state_dict.items())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert sparse_file.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual mode, not mkstemp's 0600

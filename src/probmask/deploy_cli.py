@@ -201,12 +201,16 @@ def _eval(args: argparse.Namespace) -> None:
         data = report.to_dict()
         data["source"] = str(model_file)
         data["model"] = ckpt.meta.get("model")
+        data["recorded_test_accuracy"] = ckpt.meta.get("test_accuracy")
         if note:
             data["note"] = note
         print(json.dumps(data, indent=2))
     else:
         print(f"{model_file}: {ckpt.meta.get('model')} on {ckpt.meta.get('data', 'unknown data')}")
         print(report.format())
+        recorded = ckpt.meta.get("test_accuracy")
+        if isinstance(recorded, (int, float)):
+            print(f"(the run recorded a test accuracy of {recorded:.2f}%)")
     if note:
         print(note, file=sys.stderr)
 
