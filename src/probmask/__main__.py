@@ -1,0 +1,5 @@
+"""``python -m probmask``: the same as the ``probmask`` command."""
+
+from probmask.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""The ``probmask`` command (also ``python -m probmask``).
+
+Subcommands are added by registrars, functions ``register(subparsers)`` that add one or more
+parsers and set ``func`` (called with the parsed arguments, returning the exit status). ``run``
+is registered here; modules named in ``PLUGIN_MODULES`` contribute theirs when they exist. A
+:class:`probmask.errors.UserError` raised by any subcommand is printed as one line on stderr and
+the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from probmask.errors import UserError
+
+__all__ = ["PLUGIN_MODULES", "REGISTRARS", "build_parser", "main"]
+
+Registrar = Callable[[Any], None]  # register(subparsers) with argparse's subparsers action
+PLUGIN_MODULES = ("probmask.deploy_cli",)  # each may expose register(subparsers)
+RUN_EPILOG = """\
+examples:
+  probmask run                                      the default job: LeNet-300-100, mnist5k, 99%
+  probmask run train.epochs=5 prune.sparsity=0.995   dotted overrides of any config key
+  probmask run --config configs/cifar10_resnet32.yaml --out runs/r32
+  probmask run --resume runs/r32                     continue an interrupted run
+  probmask run --print-config                        show every key with its value
+
+outputs in the run directory: config.yaml, metrics.jsonl, checkpoint.pt, results.json,
+model.pt, layer_density.png, training.png
+"""
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+_handler = _StderrHandler()
+_handler.setFormatter(_Formatter("%(message)s"))
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("probmask")
+    if _handler not in logger.handlers:
+        logger.addHandler(_handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+# ---------------------------------------------------------------------------------- run
+def register_run(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="sparsify a model as a config describes (default: LeNet-300-100 on mnist5k to 99%%)",
+        description="Train with ProbMask, fix the mask, finetune, and write a run directory.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.epochs=5")
+    p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config (merged onto the defaults)")
+    p.add_argument("--out", "-o", metavar="DIR", help="run directory (default: runs/<model>-<data>-<sparsity>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR with its saved config")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or epoch lines, only the summary")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_run)
+
+
+def default_run_dir(cfg: Any) -> Path:
+    name = cfg.model.name.replace("torchvision:", "")
+    base = Path("runs") / f"{name}-{cfg.data.name}-{cfg.prune.sparsity:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _resolve_run(args: argparse.Namespace) -> tuple[Any, Path, bool]:
+    """(config, run directory, resume?) from the arguments; refuses mismatched combinations."""
+    from probmask.config import config_diff, load_config
+    from probmask.runner import CONFIG
+
+    if args.resume is None:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        if (run_dir / CONFIG).exists():
+            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                            "or choose another --out")
+        return cfg, run_dir, False
+    run_dir = Path(args.resume)
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise UserError("--out and --resume name different directories; --resume DIR continues DIR in place")
+    saved_path = run_dir / CONFIG
+    if not saved_path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG}): nothing to resume")
+    saved = load_config(saved_path)
+    if args.config is not None or args.overrides:
+        requested = load_config(args.config if args.config is not None else saved_path, args.overrides)
+        diff = config_diff(saved, requested)
+        if diff:
+            shown = "; ".join(f"{k}: {a!r} in the run, {b!r} requested" for k, a, b in diff[:4])
+            more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+            raise UserError(f"{run_dir} was run with another config ({shown}{more}): resume it without "
+                            "--config or overrides, or start a new run with --out")
+    return saved, run_dir, True
+
+
+def format_summary(result: Any) -> str:
+    """What the user reads at the end of ``probmask run``."""
+    r = result.results
+    epochs = f"{r['epochs']['main']} main"
+    if r["epochs"]["finetune"]:
+        epochs += f" + {r['epochs']['finetune']} finetune"
+    files = sorted(p.name for p in result.run_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    lines = [
+        "",
+        f"probmask run finished: {r['model']} on {r['data']}, method {r['method']}, "
+        f"{epochs} epochs in {r['train_time_s']:.1f} s on {r['device']}",
+        f"  test accuracy  {r['test_accuracy']:.2f}%",
+        f"  sparsity       {100 * r['sparsity']:.2f}%  ({r['kept']:,} of {r['total']:,} prunable weights kept; "
+        f"target {100 * r['target_sparsity']:.2f}%)",
+        "",
+        result.report.format(),
+        "",
+        f"outputs in {result.run_dir}/: {', '.join(files)}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from probmask.config import config_to_yaml
+    from probmask.runner import run_experiment
+
+    cfg, run_dir, resume = _resolve_run(args)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    progress = not args.quiet and sys.stderr.isatty()
+    result = run_experiment(cfg, run_dir, resume=resume, progress=progress)
+    print(format_summary(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+REGISTRARS: list[Registrar] = [register_run]
+
+
+def _registrars() -> list[Registrar]:
+    found = list(REGISTRARS)
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # the module exists but something it imports is missing
+                raise
+            continue
+        found.append(module.register)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="probmask",
+        description="Sparsify neural networks under one global budget with probabilistic masks (ProbMask).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _registrars():
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"probmask: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = getattr(args, "resume", None) or getattr(args, "out", None)
+        hint = f"; continue with: probmask run --resume {where}" if where else ""
+        print(f"probmask: interrupted{hint}", file=sys.stderr)
+        return 130

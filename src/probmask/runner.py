@@ -1,0 +1,553 @@
+"""The experiment runner: a configuration in, a run directory out.
+
+Phases: the main phase trains weights (SGD, momentum, cosine decay) and the method's scores
+(Adam, cosine decay) together, with ``train.samples`` mask samples per minibatch, the joint
+gradient norm clipped to ``train.grad_clip``, the method's projection after every step and its
+schedules moved once per epoch; every epoch ends with a test pass using hard sampled masks.
+Then the mask is fixed, the weights are finetuned under it, and the model is finalized.
+
+A run directory holds:
+
+* ``config.yaml`` -- the resolved configuration;
+* ``metrics.jsonl`` -- one JSON object per epoch: ``phase`` (main / finetune), ``epoch``,
+  ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (percent), ``budget`` (keep ratio),
+  ``temperature``, ``density`` (expected kept fraction from the scores; exact once fixed),
+  ``lr``, ``score_lr``, ``time_s``;
+* ``checkpoint.pt`` -- written atomically at the end of every epoch and after fixing the mask;
+  ``run --resume DIR`` continues from it and ends with the same numbers as an uninterrupted run
+  (on CPU, same seed): it holds the model, method, optimizer and scheduler states, the RNG state,
+  the phase and epoch and the metrics so far, all loadable with ``torch.load(weights_only=True)``;
+* ``results.json`` -- ``test_accuracy`` (percent, the finalized model on the test set),
+  ``sparsity`` / ``kept`` / ``total`` (recounted from the finalized weights: zeros among the
+  prunable weights), ``layers`` (``{name, shape, numel, kept, density}`` each) and run facts;
+* ``model.pt`` -- the finalized plain model, see :func:`save_model`;
+* ``layer_density.png`` and ``training.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from probmask import export
+from probmask.config import (
+    ExperimentConfig,
+    config_diff,
+    config_from_dict,
+    config_to_dict,
+    config_to_yaml,
+    validate,
+)
+from probmask.data import DataSplits, load_data
+from probmask.errors import UserError
+from probmask.methods import Method, build_method, method_class
+from probmask.models import build_model, check_input, check_model_name
+from probmask.plots import plot_layer_density, plot_training
+from probmask.report import LayerReport, Report
+
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "METRICS",
+    "MODEL",
+    "RESULTS",
+    "Experiment",
+    "RunResult",
+    "load_model",
+    "model_options",
+    "resolve_device",
+    "run_experiment",
+    "save_model",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+RESULTS = "results.json"
+MODEL = "model.pt"
+LAYER_PLOT = "layer_density.png"
+TRAINING_PLOT = "training.png"
+_CHECKPOINT_VERSION = 1
+
+EpochHook = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    results: dict[str, Any]
+    report: Report  # per-layer counts recounted from the finalized weights
+
+
+# ---------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU. Asking for CUDA without it is a :class:`UserError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} but no CUDA device is available here: use device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def model_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Keyword options of the model builder: ``model.options`` plus ``model.width`` when set."""
+    options = dict(cfg.model.options)
+    if cfg.model.width is not None:
+        options["width"] = cfg.model.width
+    return options
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), mode="w")
+
+
+def save_model(path: str | Path, model: nn.Module, masks: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Save a finalized plain model as ``model.pt`` with :func:`probmask.export.save_pt` (atomically).
+
+    The file is ``torch.save({"state_dict", "masks", "meta"})`` with only tensors and plain
+    values, so ``torch.load(path, weights_only=True)`` reads it:
+
+    * ``state_dict`` -- the plain model's own ``state_dict`` (original keys, pruned weights are 0);
+    * ``masks`` -- ``{parameter name: bool tensor}`` for every pruned parameter;
+    * ``meta`` -- ``model`` (registry name, e.g. ``"resnet32"`` or ``"torchvision:resnet50"``),
+      ``model_options`` (builder keyword options), ``num_classes``, ``input_shape`` (``[C, H, W]``),
+      ``data``, ``method``, ``test_accuracy``, ``config`` (the resolved configuration as plain
+      dicts), and the mask statistics ``kept``, ``total``, ``sparsity``, ``layers`` and
+      ``format_version`` added by :mod:`probmask.export`.
+
+    Rebuild with ``probmask.models.build_model(meta["model"], meta["num_classes"],
+    meta["input_shape"], **meta["model_options"])`` and ``load_state_dict`` (or :func:`load_model`).
+    """
+    export.save_pt(export.Checkpoint(model.state_dict(), dict(masks), dict(meta)), path)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:
+    """Rebuild the model saved by :func:`save_model`: ``(model, masks, meta)``."""
+    ckpt = export.load(path)
+    meta = ckpt.meta
+    model = build_model(meta["model"], meta["num_classes"], meta["input_shape"], **meta["model_options"])
+    export.load_into(model, ckpt)
+    return model, ckpt.masks, meta
+
+
+def _recount(model: nn.Module, masks: Mapping[str, Tensor], floors: Mapping[str, LayerReport]) -> Report:
+    """Per-layer nonzero counts of the finalized weights (what the saved model really keeps)."""
+    layers = []
+    for name in masks:
+        weight = model.get_parameter(name).detach()
+        src = floors.get(name)
+        layers.append(LayerReport(
+            name, tuple(weight.shape), weight.numel(), float(torch.count_nonzero(weight)),
+            src.floor if src else 0, bool(src.floor_binding) if src else False,
+        ))
+    target = sum(int(m.sum()) for m in masks.values())
+    return Report(layers, fixed=True, target_kept=target)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------- the experiment
+class Experiment:
+    """One run: builds data, model and method from the config and drives the phases.
+
+    ``progress`` shows a tqdm bar per epoch; ``on_epoch_end`` is called with each epoch's metrics
+    after its checkpoint is written (an extension point; raising from it stops the run there).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | Path,
+        *,
+        progress: bool = False,
+        on_epoch_end: EpochHook | None = None,
+    ) -> None:
+        validate(cfg)
+        method_class(cfg.prune.method)  # unknown names fail before any data is read
+        check_model_name(cfg.model.name)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(cfg.device)
+        self.progress = progress
+        self.on_epoch_end = on_epoch_end
+        self.bf16 = cfg.bf16 and self.device.type == "cuda"
+        if cfg.bf16 and not self.bf16:
+            log.warning("bf16=true is for CUDA; running in float32 on %s", self.device)
+
+        torch.manual_seed(cfg.seed)
+        self.data: DataSplits = load_data(cfg.data)
+        self.options = model_options(cfg)
+        model = build_model(cfg.model.name, self.data.num_classes, self.data.input_shape, **self.options)
+        check_input(model, self.data.input_shape, cfg.model.name)
+        self.model = model.to(self.device)
+        self.method: Method = build_method(self.model, cfg.prune)
+
+        self._loader_generator = torch.Generator()
+        workers = cfg.data.num_workers
+        common = {"num_workers": workers, "pin_memory": self.device.type == "cuda",
+                  "persistent_workers": workers > 0}
+        batch = cfg.train.batch_size
+        self.train_loader = DataLoader(
+            self.data.train, batch_size=batch, shuffle=True, generator=self._loader_generator,
+            drop_last=len(self.data.train) > batch, **common,  # type: ignore[arg-type]
+        )
+        self.test_loader = DataLoader(self.data.test, batch_size=batch, **common)
+        self.train_eval_loader = DataLoader(self.data.train_eval, batch_size=batch, **common)
+        self.history: list[dict[str, Any]] = []
+        self._writer: Any = None
+
+    # ------------------------------------------------------------------ loops
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _batches(self, loader: DataLoader, desc: str, max_batches: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        total = len(loader) if max_batches is None else min(max_batches, len(loader))
+        bar = tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                   disable=not self.progress, file=sys.stderr)
+        try:
+            for i, (x, y) in enumerate(bar):
+                if i >= total:
+                    break
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        finally:
+            bar.close()
+
+    def _seed_epoch(self, phase: str, epoch: int) -> None:
+        """The shuffling order depends on (seed, phase, epoch) only, so a resumed run sees the same."""
+        offset = 0 if phase == "main" else 1_000_000
+        self._loader_generator.manual_seed(self.cfg.seed * 10_000_019 + offset + epoch)
+
+    def _train_epoch(self, optimizers: Mapping[str, torch.optim.Optimizer],
+                     schedulers: Mapping[str, Any], samples: int, desc: str) -> dict[str, float]:
+        self.model.train()
+        params = [p for opt in optimizers.values() for group in opt.param_groups for p in group["params"]]
+        clip = self.cfg.train.grad_clip
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        for x, y in self._batches(self.train_loader, desc):
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            first: list[Tensor] = []
+
+            def loss_fn(x: Tensor = x, y: Tensor = y, first: list[Tensor] = first) -> Tensor:
+                with self._autocast():
+                    out = self.model(x)
+                    loss = F.cross_entropy(out.float(), y)
+                if not first:
+                    first.append(out.detach())
+                return loss
+
+            loss = self.method.backward(loss_fn, samples)
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            for opt in optimizers.values():
+                opt.step()
+            self.method.after_step()
+            for sched in schedulers.values():
+                sched.step()
+            total_loss += loss.float() * y.numel()
+            correct += (first[0].argmax(1) == y).sum()
+            seen += y.numel()
+        if seen == 0:
+            raise UserError("the training set is empty")
+        return {"train_loss": float(total_loss) / seen, "train_acc": 100.0 * float(correct) / seen}
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module, loader: DataLoader, desc: str,
+                  max_batches: int | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy in percent) in eval mode: hard masks, fixed or freshly sampled."""
+        model.eval()
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        for x, y in self._batches(loader, desc, max_batches):
+            with self._autocast():
+                out = model(x).float()
+            total_loss += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+            seen += y.numel()
+        if seen == 0:
+            raise UserError("the test set is empty")
+        return float(total_loss) / seen, 100.0 * float(correct) / seen
+
+    # ------------------------------------------------------------------ optimizers per phase
+    def _main_optimizers(self) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
+        t = self.cfg.train
+        opts: dict[str, torch.optim.Optimizer] = {}
+        weights, scores = self.method.weight_parameters(), self.method.score_parameters()
+        if weights:
+            opts["weights"] = torch.optim.SGD(weights, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        if scores:
+            opts["scores"] = torch.optim.Adam(scores, lr=t.score_lr, weight_decay=0.0)
+        steps = max(1, t.epochs * len(self.train_loader))
+        return opts, {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps) for k, o in opts.items()}
+
+    def _finetune_optimizers(self, epochs: int) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
+        f = self.cfg.finetune
+        opts: dict[str, torch.optim.Optimizer] = {}
+        weights = self.method.weight_parameters()
+        if weights:
+            opts["weights"] = torch.optim.SGD(weights, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+        steps = max(1, epochs * len(self.train_loader))
+        return opts, {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps) for k, o in opts.items()}
+
+    # ------------------------------------------------------------------ checkpoints and metrics
+    def _save_checkpoint(self, phase: str, epoch: int, optimizers: Mapping[str, Any], schedulers: Mapping[str, Any]) -> None:
+        state = {
+            "version": _CHECKPOINT_VERSION,
+            "config": config_to_dict(self.cfg),
+            "phase": phase,
+            "epoch": epoch,  # epochs of this phase completed
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "rng": _rng_state(self.device),
+            "history": self.history,
+        }
+        _atomic_write(self.run_dir / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def _load_checkpoint(self) -> dict[str, Any]:
+        path = self.run_dir / CHECKPOINT
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:  # unreadable file: say which and what to do
+            raise UserError(f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                            "delete it to restart the run from the beginning") from None
+        if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
+            raise UserError(f"{path} is not a probmask run checkpoint of this version")
+        saved = config_from_dict(state["config"], where=f"{path}")
+        diff = config_diff(saved, self.cfg)
+        if diff:
+            shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff[:4])
+            raise UserError(f"{self.run_dir} was run with a different config ({shown}); "
+                            "resume it with its own config or start a new run with --out")
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.history = list(state["history"])
+        return state
+
+    @staticmethod
+    def _restore_optimizers(state: Mapping[str, Any] | None, optimizers: Mapping[str, Any],
+                            schedulers: Mapping[str, Any]) -> None:
+        if state is None:
+            return
+        for k, o in optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+
+    def _rewrite_metrics(self) -> None:
+        lines = "".join(json.dumps(h) + "\n" for h in self.history)
+        _atomic_write(self.run_dir / METRICS, lambda f: f.write(lines), mode="w")
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            step = len(self.history)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self._writer.add_scalar(f"{record['phase']}/{key}", value, step)
+
+    def _log_epoch(self, r: dict[str, Any], num_epochs: int) -> None:
+        keep = f"keep {100 * r['density']:.2f}%" if r.get("density") is not None else ""
+        if r.get("budget") is not None:
+            keep += f" (budget {100 * r['budget']:.2f}%)"
+        temp = f"  T {r['temperature']:.1f}" if r.get("temperature") is not None else ""
+        log.info(
+            "%-8s epoch %*d/%d  loss %.4f  train %6.2f%%  test %6.2f%%  %s%s  %.1fs",
+            r["phase"], len(str(num_epochs)), r["epoch"] + 1, num_epochs, r["train_loss"],
+            r["train_acc"], r["test_acc"], keep, temp, r["time_s"],
+        )
+
+    def _open_tensorboard(self) -> None:
+        if not self.cfg.tensorboard:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard=true but the tensorboard package is not installed: no TensorBoard logs")
+            return
+        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ phases
+    def _epoch_end(self, phase: str, epoch: int, num_epochs: int, record: dict[str, Any],
+                   optimizers: Mapping[str, Any], schedulers: Mapping[str, Any]) -> None:
+        self._record(record)
+        self._log_epoch(record, num_epochs)
+        self._save_checkpoint(phase, epoch + 1, optimizers, schedulers)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(record)
+
+    def _run_epoch(self, phase: str, epoch: int, num_epochs: int, optimizers: Mapping[str, Any],
+                   schedulers: Mapping[str, Any], samples: int, schedule: dict[str, float]) -> dict[str, Any]:
+        start = time.perf_counter()
+        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}
+        self._seed_epoch(phase, epoch)
+        train = self._train_epoch(optimizers, schedulers, samples, f"{phase} {epoch + 1}/{num_epochs}")
+        test_loss, test_acc = self._evaluate(self.model, self.test_loader, "test")
+        return {
+            "phase": phase, "epoch": epoch, **train, "test_loss": test_loss, "test_acc": test_acc,
+            "budget": schedule.get("budget"), "temperature": schedule.get("temperature"),
+            **self.method.stats(), "lr": lrs.get("weights"), "score_lr": lrs.get("scores"),
+            "time_s": time.perf_counter() - start,
+        }
+
+    def _main_phase(self, start: int, state: Mapping[str, Any] | None) -> None:
+        epochs = self.cfg.train.epochs
+        optimizers, schedulers = self._main_optimizers()
+        self._restore_optimizers(state, optimizers, schedulers)
+        for epoch in range(start, epochs):
+            schedule = self.method.begin_epoch(epoch, epochs)
+            record = self._run_epoch("main", epoch, epochs, optimizers, schedulers, self.cfg.train.samples, schedule)
+            self._epoch_end("main", epoch, epochs, record, optimizers, schedulers)
+
+    def _fix_mask(self) -> None:
+        p = self.cfg.prune
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        train_eval = self.train_eval_loader
+
+        def score() -> float:
+            return self._evaluate(self.model, train_eval, "scoring mask", p.fix_batches)[1]
+
+        begin = time.perf_counter()
+        self.method.fix(score, generator)
+        how = "top-k by score" if p.fix == "topk" else f"best of {p.fix_samples} samples by training accuracy"
+        log.info("fixed the mask (%s) in %.1fs", how, time.perf_counter() - begin)
+        self._save_checkpoint("finetune", 0, {}, {})
+
+    def _finetune_phase(self, start: int, state: Mapping[str, Any] | None) -> None:
+        epochs = self.cfg.finetune.epochs if self.method.finetunes else 0
+        if self.cfg.finetune.epochs and not self.method.finetunes:
+            log.info("no finetuning: prune.method=%s with these settings trains no weights", self.cfg.prune.method)
+        if start >= epochs:
+            return
+        optimizers, schedulers = self._finetune_optimizers(epochs)
+        self._restore_optimizers(state if state and state["optimizers"] else None, optimizers, schedulers)
+        for epoch in range(start, epochs):
+            record = self._run_epoch("finetune", epoch, epochs, optimizers, schedulers, 1, {})
+            self._epoch_end("finetune", epoch, epochs, record, optimizers, schedulers)
+
+    def _finish(self) -> RunResult:
+        method_report = {layer.name: layer for layer in self.method.report().layers}
+        model, masks = self.method.finalize()
+        report = _recount(model, masks, method_report)
+        test_loss, test_acc = self._evaluate(model, self.test_loader, "final test")
+        cfg = self.cfg
+        results = {
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "sparsity": report.sparsity,
+            "kept": int(report.kept),
+            "total": report.total,
+            "target_kept": report.target_kept,
+            "layers": [
+                {"name": lay.name, "shape": list(lay.shape), "numel": lay.numel, "kept": int(lay.kept),
+                 "density": lay.density}
+                for lay in report.layers
+            ],
+            "model": cfg.model.name,
+            "data": cfg.data.name,
+            "method": cfg.prune.method,
+            "target_sparsity": cfg.prune.sparsity,
+            "epochs": {"main": cfg.train.epochs, "finetune": sum(h["phase"] == "finetune" for h in self.history)},
+            "train_time_s": sum(h["time_s"] for h in self.history),
+            "device": str(self.device),
+            "seed": cfg.seed,
+        }
+        _write_json(self.run_dir / RESULTS, results)
+        meta = {
+            "model": cfg.model.name, "model_options": self.options, "num_classes": self.data.num_classes,
+            "input_shape": list(self.data.input_shape), "data": cfg.data.name, "method": cfg.prune.method,
+            "test_accuracy": test_acc, "config": config_to_dict(cfg),
+        }
+        save_model(self.run_dir / MODEL, model, masks, meta)
+        title = f"{cfg.model.name} on {cfg.data.name}, sparsity {100 * report.sparsity:.2f}%"
+        plot_layer_density(results["layers"], self.run_dir / LAYER_PLOT, title=f"kept weights per layer: {title}")
+        plot_training(self.history, self.run_dir / TRAINING_PLOT, title=title)
+        return RunResult(self.run_dir, results, report)
+
+    def run(self, resume: bool = False) -> RunResult:
+        """Run (or with ``resume``, continue from ``checkpoint.pt``) to the end; returns the results."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] | None = None
+        if resume and (self.run_dir / CHECKPOINT).exists():
+            state = self._load_checkpoint()
+            log.info("resuming %s: %s phase after %d epoch(s)", self.run_dir, state["phase"], state["epoch"])
+        _atomic_write(self.run_dir / CONFIG, lambda f: f.write(config_to_yaml(self.cfg)), mode="w")
+        self._rewrite_metrics()
+        phase, start = ("main", 0) if state is None else (state["phase"], int(state["epoch"]))
+        if state is not None:
+            _set_rng_state(state["rng"], self.device)  # last: building everything above drew random numbers
+        log.info("run directory %s; %s on %s (%s), device %s", self.run_dir, self.cfg.model.name,
+                 self.cfg.data.name, self.cfg.prune.method, self.device)
+        self._open_tensorboard()
+        try:
+            if phase == "main":
+                self._main_phase(start, state)
+                state, start = None, 0
+            if not self.method.fixed:
+                self._fix_mask()
+            self._finetune_phase(start, state if phase == "finetune" else None)
+            return self._finish()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = False,
+                   on_epoch_end: EpochHook | None = None) -> RunResult:
+    """Build the experiment for ``cfg`` and run it into ``run_dir`` (see the module docstring)."""
+    return Experiment(cfg, run_dir, progress=progress, on_epoch_end=on_epoch_end).run(resume=resume)
