@@ -11,12 +11,20 @@ with the budget and temperature schedules, one exact projection per step, ``fix_
     synthetic teacher task (random inputs, labels from a random linear teacher), with the budget
     schedule compressed into those steps.
 
-The sparse model is ``probmask.sparse.to_sparse(model)`` (every Linear with density <= 0.35 on a
-CSR matrix with int32 indices). Dense and sparse are timed alternately, ``--repeats`` times each,
-under ``torch.inference_mode()``; the table shows medians, the speedup dense / sparse and the
-largest output difference.
+Two sparse variants: "CSR" is ``probmask.sparse.to_sparse(model)`` (every Linear with density
+<= 0.35 on a CSR matrix with int32 indices); "auto" is ``to_sparse(model, example_input=x)``,
+which also times each layer dense vs CSR on its real input and keeps the faster. All three are
+timed in turn, ``--repeats`` times each, under ``torch.inference_mode()``; the table shows
+medians, speedups over dense, and the largest output difference from the dense model.
+
+The machine this runs on may be shared: with 2 threads, another busy process makes every
+multi-threaded op wait for its time slice (timings jump to multiples of ~4 ms), so ``--threads 1``
+gives the stable figures there.
+
+``--convs`` adds single 3x3 convolutions timed dense vs ``SparseConv2d`` (unfold + CSR).
 
 Usage: python benchmarks/inference.py [--quick] [--threads N] [--repeats N] [--lenet-run DIR ...]
+       [--skip-lenet] [--skip-mlp] [--convs]
 """
 
 from __future__ import annotations
@@ -155,20 +163,46 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def compare(dense: nn.Module, batch: int, in_shape: tuple[int, ...], repeats: int) -> dict[str, float | str]:
+    """Median latency of the dense model, all sparse Linears on CSR, and the calibrated choice."""
     x = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(batch))
-    sparse = to_sparse(dense)
+    variants = {"dense": dense, "csr": to_sparse(dense), "auto": to_sparse(dense, example_input=x)}
+    times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
-        diff = float((sparse(x) - dense(x)).abs().max())
-        for _ in range(3):
-            dense(x)
-            sparse(x)
-        t_dense, t_sparse = [], []
-        for _ in range(repeats):  # alternate, so that both see the same machine load
-            t_dense.append(timed(lambda: dense(x)))
-            t_sparse.append(timed(lambda: sparse(x)))
-    d, s = statistics.median(t_dense) * 1e3, statistics.median(t_sparse) * 1e3
-    return {"dense_ms": d, "sparse_ms": s, "speedup": d / s, "diff": diff,
-            "csr": ",".join(sparse_layers(sparse)) or "-"}
+        reference = dense(x)
+        diff = max(float((m(x) - reference).abs().max()) for m in variants.values())
+        for model in variants.values():
+            for _ in range(3):
+                model(x)
+        for _ in range(repeats):  # alternate, so that all see the same machine load
+            for name, model in variants.items():
+                times[name].append(timed(lambda m=model: m(x)))
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"dense_ms": ms["dense"], "sparse_ms": ms["csr"], "speedup": ms["dense"] / ms["csr"],
+            "auto_ms": ms["auto"], "auto_speedup": ms["dense"] / ms["auto"], "diff": diff,
+            "auto_csr": ",".join(sparse_layers(variants["auto"])) or "-"}
+
+
+def conv_table(repeats: int) -> None:
+    """Single Conv2d layers (3x3, stride 1, padding 1), dense vs unfold + CSR (random masks)."""
+    from probmask.sparse import SparseConv2d
+
+    print(f"\n{'conv layer':<24} {'density':>7} {'batch':>5} {'dense ms':>9} {'CSR ms':>8} {'speedup':>8}")
+    for channels, size in ((64, 32), (256, 8), (512, 4)):
+        for density in (0.1, 0.01):
+            conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            with torch.no_grad():
+                conv.weight.mul_(torch.rand_like(conv.weight) < density)
+            fast = SparseConv2d(conv)
+            for batch in BATCHES:
+                x = torch.randn(batch, channels, size, size)
+                t_dense, t_sparse = [], []
+                with torch.inference_mode():
+                    for _ in range(repeats):
+                        t_dense.append(timed(lambda m=conv, x=x: m(x)))
+                        t_sparse.append(timed(lambda m=fast, x=x: m(x)))
+                d, c = statistics.median(t_dense) * 1e3, statistics.median(t_sparse) * 1e3
+                label = f"{channels}->{channels} @ {size}x{size}"
+                print(f"{label:<24} {density:>7.2f} {batch:>5} {d:>9.3f} {c:>8.3f} {d / c:>7.2f}x")
 
 
 def main() -> None:
@@ -180,6 +214,7 @@ def main() -> None:
                         help="time model.pt of these probmask run directories instead of training LeNet")
     parser.add_argument("--skip-lenet", action="store_true")
     parser.add_argument("--skip-mlp", action="store_true")
+    parser.add_argument("--convs", action="store_true", help="also time single conv layers as unfold + CSR")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,12 +237,15 @@ def main() -> None:
             print(f"  {sparsity:.0%}: {note}")
             for batch in BATCHES:
                 rows.append((name, sparsity, batch, compare(model, batch, in_shape, repeats)))
-    head = (f"{'model':<18} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} "
-            f"{'max |diff|':>10}  CSR layers")
+    head = (f"{'model':<18} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'CSR ms':>8} {'speedup':>8} "
+            f"{'auto ms':>8} {'speedup':>8} {'max |diff|':>10}  auto: layers on CSR")
     print("\n" + head + "\n" + "-" * len(head))
     for name, sparsity, batch, r in rows:
-        print(f"{name:<18} {sparsity:>8.0%} {batch:>5} {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
-              f"{r['speedup']:>7.1f}x {r['diff']:>10.1e}  {r['csr']}")
+        print(f"{name:<18} {sparsity:>8.0%} {batch:>5} {r['dense_ms']:>9.3f} {r['sparse_ms']:>8.3f} "
+              f"{r['speedup']:>7.1f}x {r['auto_ms']:>8.3f} {r['auto_speedup']:>7.1f}x {r['diff']:>10.1e}  "
+              f"{r['auto_csr']}")
+    if args.convs:
+        conv_table(max(5, repeats // 5))
 
 
 if __name__ == "__main__":

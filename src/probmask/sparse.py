@@ -61,7 +61,7 @@ class _CSRWeight(nn.Module):
     """
 
     _shape: tuple[int, int]
-    _cache: tuple[tuple[int, ...], Tensor] | None = None
+    _cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (crow, col, values, csr)
 
     def _set_weight(self, matrix: Tensor) -> None:
         csr = csr32(matrix)
@@ -72,16 +72,19 @@ class _CSRWeight(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The weight as a 2-D CSR tensor (``(out, in)``, or ``(out, in * kh * kw)`` for a conv)."""
+        """The weight as a 2-D CSR tensor (``(out, in)``, or ``(out, in * kh * kw)`` for a conv).
+
+        It aliases the buffers (in-place changes such as ``load_state_dict`` show through) and is
+        rebuilt only when a buffer object is replaced (``.to()``, ``.double()``).
+        """
         buffers = self._buffers
         crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
-        assert crow is not None and col is not None and values is not None
-        key = (crow.data_ptr(), col.data_ptr(), values.data_ptr(), values.numel())
         cache = self._cache
-        if cache is None or cache[0] != key:
-            cache = (key, _csr(crow, col, values, self._shape))
+        if cache is None or cache[0] is not crow or cache[1] is not col or cache[2] is not values:
+            assert crow is not None and col is not None and values is not None
+            cache = (crow, col, values, _csr(crow, col, values, self._shape))
             self._cache = cache
-        return cache[1]
+        return cache[3]
 
     @property
     def nnz(self) -> int:
