@@ -202,3 +202,24 @@ def test_end_to_end_through_probmask_run(tmp_path, capsys):
     umask = os.umask(0)
     os.umask(umask)
     assert sparse_file.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual mode, not mkstemp's 0600
+
+
+def test_readme_recipe_without_probmask(run_dir, tmp_path):
+    """The README's snippet: LeNet-300-100 written by hand, weights loaded with plain torch."""
+    from safetensors.torch import load_file
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                          nn.Linear(100, 10))
+    ckpt = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    assert ckpt["meta"]["model"] == "lenet300"
+    assert int(ckpt["masks"]["1.weight"].sum()) == int((model[1].weight != 0).sum())
+
+    assert main(["export", str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")]) == 0
+    tensors = load_file(tmp_path / "m.safetensors")
+    again = nn.Sequential(*[type(m)() if not isinstance(m, nn.Linear) else nn.Linear(m.in_features, m.out_features)
+                            for m in model])
+    again.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("masks/")})
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(again(x), model(x))
