@@ -175,7 +175,7 @@ def _test_batches(ckpt: Checkpoint, data_root: str | None, batch_size: int) -> A
             cfg.data.root = data_root
         splits = load_data(cfg.data)
     except UserError as err:
-        return str(err)
+        return f"{err} (probmask eval --data-root DIR points at the data)"
     if list(splits.input_shape) != list(ckpt.meta["input_shape"]):
         return f"the data set's examples are {list(splits.input_shape)}, the model's {ckpt.meta['input_shape']}"
     return DataLoader(splits.test, batch_size=batch_size, shuffle=False)
