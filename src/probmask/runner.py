@@ -160,12 +160,12 @@ def save_model(path: str | Path, model: nn.Module, masks: Mapping[str, Tensor], 
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:
-    """Rebuild the model saved by :func:`save_model`: ``(model, masks, meta)``."""
+    """Rebuild the model saved by :func:`save_model`: ``(model in eval mode, masks, meta)``."""
     ckpt = export.load(path)
     meta = ckpt.meta
     model = build_model(meta["model"], meta["num_classes"], meta["input_shape"], **meta["model_options"])
     export.load_into(model, ckpt)
-    return model, ckpt.masks, meta
+    return model.eval(), ckpt.masks, meta
 
 
 def _recount(model: nn.Module, masks: Mapping[str, Tensor], floors: Mapping[str, LayerReport]) -> Report:
