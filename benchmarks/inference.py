@@ -131,9 +131,10 @@ def lenet_from_runs(dirs: list[str]) -> dict[float, tuple[nn.Module, str]]:
     for d in dirs:
         ckpt = load(os.path.join(d, "model.pt"))
         meta = ckpt.meta
-        model = build_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_options", {}))
+        model = build_model(meta["model"], meta["num_classes"], meta["input_shape"], **meta.get("model_options", {}))
         load_into(model, ckpt).eval()
-        out[round(ckpt.sparsity, 4)] = (model, f"run {d}")
+        acc = meta.get("test_accuracy")
+        out[round(ckpt.sparsity, 4)] = (model, f"probmask run {d}: test acc {acc}%, sparsity {ckpt.sparsity:.4f}")
     return out
 
 
