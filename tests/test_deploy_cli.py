@@ -223,3 +223,15 @@ def test_readme_recipe_without_probmask(run_dir, tmp_path):
     again.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("masks/")})
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(again(x), model(x))
+
+
+def test_malformed_metadata(capsys, run_dir, tmp_path):
+    ckpt = export.load(run_dir / "model.pt")
+    for i, (key, value, needle) in enumerate([("input_shape", [3, 32, 32], "does not fit"),
+                                              ("input_shape", "abc", "malformed"),
+                                              ("num_classes", None, "malformed")]):
+        meta = dict(ckpt.meta)
+        meta[key] = value
+        export.save_pt(export.Checkpoint(ckpt.state_dict, ckpt.masks, meta), tmp_path / f"m{i}.pt")
+        code, _, err = run(capsys, "eval", tmp_path / f"m{i}.pt")
+        assert_user_error(code, err, needle)

@@ -82,7 +82,7 @@ def _source_file(source: str) -> Path:
 def _rebuild(ckpt: Checkpoint, where: Path) -> nn.Module:
     """Build the architecture named in the metadata and load the weights into it."""
     from probmask.errors import UserError
-    from probmask.models import build_model
+    from probmask.models import build_model, check_input
 
     meta = ckpt.meta
     missing = [k for k in ("model", "num_classes", "input_shape") if k not in meta]
@@ -95,11 +95,16 @@ def _rebuild(ckpt: Checkpoint, where: Path) -> nn.Module:
     if not isinstance(options, dict):
         raise _Fail(f"{where}: model_options in the metadata is not a mapping")
     try:
-        model = build_model(str(meta["model"]), num_classes=int(meta["num_classes"]),
-                            input_shape=[int(s) for s in meta["input_shape"]], **options)
+        num_classes = int(meta["num_classes"])
+        input_shape = [int(s) for s in meta["input_shape"]]
+    except (TypeError, ValueError):
+        raise _Fail(f"{where}: num_classes / input_shape in the metadata are malformed") from None
+    try:
+        model = build_model(str(meta["model"]), num_classes=num_classes, input_shape=input_shape, **options)
+        load_into(model, ckpt)
+        check_input(model, input_shape, str(meta["model"]))
     except UserError as err:
         raise _Fail(f"{where}: cannot rebuild the model: {err}") from None
-    load_into(model, ckpt)
     return model.eval()
 
 
