@@ -10,7 +10,7 @@ Reading the files without probmask
 Rebuild the architecture yourself (torchvision or your own code: the ``state_dict`` keys are the
 original model's), then::
 
-    import json, torch
+    import json, torch, torchvision
     model = torchvision.models.resnet50(num_classes=10)          # or your own nn.Module
 
     # .pt (the run directory's model.pt is this format)
