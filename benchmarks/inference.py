@@ -206,6 +206,17 @@ def conv_table(repeats: int) -> None:
                 print(f"{label:<24} {density:>7.2f} {batch:>5} {d:>9.3f} {c:>8.3f} {d / c:>7.2f}x")
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter training and fewer repeats")
@@ -220,7 +231,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (10 if args.quick else 50)
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}  "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu_name()}  "
           f"torch {torch.__version__}  threads {torch.get_num_threads()}  cpus {os.cpu_count()}  "
           f"load avg {os.getloadavg()[0]:.2f}  repeats {repeats}{'  (quick)' if args.quick else ''}")
     suites: list[tuple[str, Callable[[], dict[float, tuple[nn.Module, str]]], tuple[int, ...]]] = []
