@@ -205,6 +205,7 @@ USER_ERRORS = {
     "unknown fix": (lambda t: ["prune.fix=best"], "prune.fix must be 'topk' or 'sample', got 'best'"),
     "zero epochs": (lambda t: ["train.epochs=0"], "train.epochs must be at least 1"),
     "bad device": (lambda t: ["device=tpu"], "device must be auto, cpu, cuda or cuda:N"),
+    "zero threads": (lambda t: ["threads=0"], "threads must be at least 1 or null"),
     "floors above the budget": (lambda t: ["prune.floor=unit", "prune.sparsity=0.9999"],
                                 "prune (probmask): the per-layer floors keep 410 weights but the budget"),
     "unknown model option": (lambda t: ["model.width=16"], "model lenet300 has no option width"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -35,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread: far faster than two on a busy 2-core machine, and the same in the
-    subprocess of the kill test (OMP_NUM_THREADS=1), so results compare bit for bit."""
+    """One intra-op thread outside the runs too (the runs use threads=1 by default): far faster
+    than two on a busy 2-core machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -187,8 +186,7 @@ def test_resume_after_sigkill_of_the_command(tiny, tmp_path, capsys):
     cfg, straight = tiny
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "probmask", "run", "--out", str(run_dir), "--quiet", *TINY],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -200,7 +198,9 @@ def test_resume_after_sigkill_of_the_command(tiny, tmp_path, capsys):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
     proc.stderr.close()
     assert not (run_dir / "results.json").exists()
+    (run_dir / ".checkpoint.pt.abc.tmp").write_bytes(b"half")  # as if killed while writing
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert not list(run_dir.glob(".*.tmp"))
     assert "test accuracy" in capsys.readouterr().out
     results = json.loads((run_dir / "results.json").read_text())
     assert _numbers(results) == _numbers(straight.results)
@@ -305,3 +305,14 @@ def test_imagenet_code_path_with_a_torchvision_model(tmp_path):
     prunable = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert sorted(masks) == sorted(f"{n}.weight" for n in prunable)
     assert result.results["sparsity"] >= 0.9
+
+
+def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
+    seen = []
+    torch.set_num_threads(2)
+    try:
+        cfg = load_config(None, [*TINY, "train.epochs=1", "finetune.epochs=0", "threads=1"])
+        run_experiment(cfg, tmp_path / "run", on_epoch_end=lambda record: seen.append(torch.get_num_threads()))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

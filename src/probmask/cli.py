@@ -26,11 +26,11 @@ Registrar = Callable[[Any], None]  # register(subparsers) with argparse's subpar
 PLUGIN_MODULES = ("probmask.deploy_cli",)  # each may expose register(subparsers)
 RUN_EPILOG = """\
 examples:
-  probmask run                                      the default job: LeNet-300-100, mnist5k, 99%
-  probmask run train.epochs=5 prune.sparsity=0.995   dotted overrides of any config key
-  probmask run --config configs/cifar10_resnet32.yaml --out runs/r32
-  probmask run --resume runs/r32                     continue an interrupted run
-  probmask run --print-config                        show every key with its value
+  probmask run                                        the default job: LeNet-300-100, mnist5k, 99%
+  probmask run train.epochs=5 prune.sparsity=0.995    dotted overrides of any config key
+  probmask run -c configs/cifar10_resnet32.yaml -o runs/r32
+  probmask run --resume runs/r32                      continue an interrupted run
+  probmask run --print-config                         every key with its value
 
 outputs in the run directory: config.yaml, metrics.jsonl, checkpoint.pt, results.json,
 model.pt, layer_density.png, training.png

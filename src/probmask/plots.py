@@ -35,7 +35,7 @@ def plot_layer_density(layers: Sequence[Mapping[str, Any]], path: str | Path, ti
     rows = range(len(layers))
     ax.barh(rows, density, color="tab:blue", height=0.7)
     ax.set_yticks(list(rows), names, fontsize=9 if len(layers) < 30 else 7)
-    ax.invert_yaxis()  # first layer on top
+    ax.set_ylim(len(layers) - 0.4, -0.6)  # first layer on top, no empty margins
     ax.axvline(total, color="tab:red", linestyle="--", linewidth=1.2)
     top = max(density + [total])
     for row, (d, layer) in enumerate(zip(density, layers)):

@@ -233,15 +233,14 @@ class Experiment:
 
         self._loader_generator = torch.Generator()
         workers = cfg.data.num_workers
-        common = {"num_workers": workers, "pin_memory": self.device.type == "cuda",
-                  "persistent_workers": workers > 0}
+        common: dict[str, Any] = {"num_workers": workers, "pin_memory": self.device.type == "cuda"}
         batch = cfg.train.batch_size
         self.train_loader = DataLoader(
             self.data.train, batch_size=batch, shuffle=True, generator=self._loader_generator,
-            drop_last=len(self.data.train) > batch, **common,  # type: ignore[arg-type]
+            drop_last=len(self.data.train) > batch, persistent_workers=workers > 0, **common,
         )
-        self.test_loader = DataLoader(self.data.test, batch_size=batch, **common)
-        self.train_eval_loader = DataLoader(self.data.train_eval, batch_size=batch, **common)
+        self.test_loader = DataLoader(self.data.test, batch_size=batch, persistent_workers=workers > 0, **common)
+        self.train_eval_loader = DataLoader(self.data.train_eval, batch_size=batch, **common)  # used once
         self.history: list[dict[str, Any]] = []
         self._writer: Any = None
 
@@ -360,7 +359,8 @@ class Experiment:
     def _load_checkpoint(self) -> dict[str, Any]:
         path = self.run_dir / CHECKPOINT
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # unreadable file: say which and what to do
             raise UserError(f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                             "delete it to restart the run from the beginning") from None
@@ -507,7 +507,6 @@ class Experiment:
             "device": str(self.device),
             "seed": cfg.seed,
         }
-        _write_json(self.run_dir / RESULTS, results)
         meta = {
             "model": cfg.model.name, "model_options": self.options, "num_classes": self.data.num_classes,
             "input_shape": list(self.data.input_shape), "data": cfg.data.name, "method": cfg.prune.method,
@@ -517,11 +516,14 @@ class Experiment:
         title = f"{cfg.model.name} on {cfg.data.name}, sparsity {100 * report.sparsity:.2f}%"
         plot_layer_density(results["layers"], self.run_dir / LAYER_PLOT, title=f"kept weights per layer: {title}")
         plot_training(self.history, self.run_dir / TRAINING_PLOT, title=title)
+        _write_json(self.run_dir / RESULTS, results)  # last: its presence means the run is complete
         return RunResult(self.run_dir, results, report)
 
     def run(self, resume: bool = False) -> RunResult:
         """Run (or with ``resume``, continue from ``checkpoint.pt``) to the end; returns the results."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.run_dir.glob(".*.tmp"):  # half-written files of a killed run
+            stale.unlink()
         state: dict[str, Any] | None = None
         if resume and (self.run_dir / CHECKPOINT).exists():
             state = self._load_checkpoint()
@@ -531,8 +533,11 @@ class Experiment:
         phase, start = ("main", 0) if state is None else (state["phase"], int(state["epoch"]))
         if state is not None:
             _set_rng_state(state["rng"], self.device)  # last: building everything above drew random numbers
-        log.info("run directory %s; %s on %s (%s), device %s", self.run_dir, self.cfg.model.name,
-                 self.cfg.data.name, self.cfg.prune.method, self.device)
+        threads = torch.get_num_threads()
+        if self.cfg.threads is not None:
+            torch.set_num_threads(self.cfg.threads)
+        log.info("run directory %s; %s on %s (%s), device %s, %d CPU thread(s)", self.run_dir,
+                 self.cfg.model.name, self.cfg.data.name, self.cfg.prune.method, self.device, torch.get_num_threads())
         self._open_tensorboard()
         try:
             if phase == "main":
@@ -543,6 +548,7 @@ class Experiment:
             self._finetune_phase(start, state if phase == "finetune" else None)
             return self._finish()
         finally:
+            torch.set_num_threads(threads)
             if self._writer is not None:
                 self._writer.close()
 
