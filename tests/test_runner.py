@@ -316,3 +316,74 @@ def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_another_method_plugs_into_the_runner(tmp_path, monkeypatch):
+    """The Method interface is enough for a baseline: dense training, then one-shot magnitude pruning."""
+    from probmask import methods
+    from probmask.report import LayerReport, Report
+
+    class OneShotMagnitude(methods.Method):
+        def __init__(self, model, cfg):
+            super().__init__(model, cfg)
+            self.names = [n for n, p in model.named_parameters() if n.endswith("weight")]
+            self.masks = None
+
+        def weight_parameters(self):
+            return list(self.model.parameters())
+
+        @property
+        def fixed(self):
+            return self.masks is not None
+
+        def fix(self, score_fn, generator):
+            params = dict(self.model.named_parameters())
+            flat = torch.cat([params[n].detach().abs().flatten() for n in self.names])
+            k = math.floor((1 - self.cfg.sparsity) * flat.numel())
+            threshold = flat.topk(k).values.min()
+            self.masks = {n: params[n].detach().abs() >= threshold for n in self.names}
+
+        def after_step(self):
+            if self.masks is not None:
+                with torch.no_grad():
+                    for n, p in self.model.named_parameters():
+                        if n in self.masks:
+                            p.mul_(self.masks[n])
+
+        def report(self):
+            layers = [LayerReport(n, tuple(m.shape), m.numel(), float(m.sum()), 0, False) for n, m in self.masks.items()]
+            return Report(layers, fixed=True, target_kept=int(sum(m.sum() for m in self.masks.values())))
+
+        def finalize(self):
+            self.after_step()
+            return self.model, self.masks
+
+        def state_dict(self):
+            return {"masks": self.masks}
+
+        def load_state_dict(self, state):
+            self.masks = state["masks"]
+
+    monkeypatch.setitem(methods._METHODS, "magnitude", OneShotMagnitude)
+    cfg = load_config(None, [*TINY, "prune.method=magnitude", "train.epochs=2", "finetune.epochs=1"])
+    result = run_experiment(cfg, tmp_path / "run")
+    assert [h["phase"] for h in _history(tmp_path / "run")] == ["main", "main", "finetune"]
+    assert result.results["method"] == "magnitude"
+    assert result.results["sparsity"] >= 0.9 - 1e-3
+    assert result.results["test_accuracy"] > 30
+
+
+def test_an_empty_test_set_is_a_user_error(tmp_path, monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from probmask import data
+
+    def tiny_data(cfg):
+        train = TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
+        empty = TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long))
+        return data.DataSplits(train, empty, train, 10, (1, 28, 28))
+
+    monkeypatch.setitem(data._DATASETS, "empty_test", tiny_data)
+    cfg = load_config(None, ["data.name=empty_test", "model.options.hidden=[8]", "train.epochs=1"])
+    with pytest.raises(UserError, match="the test set is empty"):
+        run_experiment(cfg, tmp_path / "run")
