@@ -16,9 +16,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from probmask.errors import UserError
+
+if TYPE_CHECKING:  # the runner (torch, data, models) is imported only when a run starts
+    from probmask.runner import RunResult
 
 __all__ = ["PLUGIN_MODULES", "REGISTRARS", "build_parser", "main"]
 
@@ -125,7 +128,7 @@ def _resolve_run(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     return saved, run_dir, True
 
 
-def format_summary(result: Any) -> str:
+def format_summary(result: RunResult) -> str:
     """What the user reads at the end of ``probmask run``."""
     r = result.results
     epochs = f"{r['epochs']['main']} main"

@@ -24,7 +24,7 @@ from probmask.report import Report
 from probmask.schedules import CubicBudget, TemperatureSchedule
 from probmask.sparsifier import ProbMask, accumulate_samples
 
-__all__ = ["Method", "ProbMaskMethod", "build_method", "method_names", "register_method"]
+__all__ = ["Method", "ProbMaskMethod", "build_method", "method_class", "method_names", "register_method"]
 
 
 class Method(abc.ABC):

@@ -168,12 +168,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Tensor], dict[str
     return model.eval(), ckpt.masks, meta
 
 
-def _recount(model: nn.Module, masks: Mapping[str, Tensor], floors: Mapping[str, LayerReport]) -> Report:
-    """Per-layer nonzero counts of the finalized weights (what the saved model really keeps)."""
+def _recount(model: nn.Module, masks: Mapping[str, Tensor], method_layers: Mapping[str, LayerReport]) -> Report:
+    """Per-layer nonzero counts of the finalized weights (what the saved model really keeps);
+    floors come from the method's own report."""
     layers = []
     for name in masks:
         weight = model.get_parameter(name).detach()
-        src = floors.get(name)
+        src = method_layers.get(name)
         layers.append(LayerReport(
             name, tuple(weight.shape), weight.numel(), float(torch.count_nonzero(weight)),
             src.floor if src else 0, bool(src.floor_binding) if src else False,
