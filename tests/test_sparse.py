@@ -138,3 +138,30 @@ def test_float64_works_and_other_dtypes_are_refused():
     assert sparse_layers(to_sparse(nn.Sequential(nn.Linear(8, 3).half()), max_density=1.0)) == []
     with pytest.raises(ValueError, match="2-D"):
         csr32(torch.zeros(2, 2, 2))
+
+
+def test_single_rows_take_the_scipy_path_and_see_weight_updates():
+    pytest.importorskip("scipy")
+    layer = nn.Linear(40, 30)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(30, 40) < 0.2)
+    fast = SparseLinear.from_dense(layer)
+    torch_only = SparseLinear.from_dense(layer, use_scipy=False)
+    x = torch.randn(1, 40)
+    with torch.no_grad():
+        expected = layer(x)
+        torch.testing.assert_close(fast(x), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch_only(x), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(fast(x[0]), expected[0], atol=1e-6, rtol=0)  # unbatched input
+    assert fast._scipy is not None and fast._scipy[3] is not None  # the SciPy matrix was used
+    assert torch_only._scipy is None
+
+    state = {k: v.clone() for k, v in fast.state_dict().items()}
+    state["values"] = state["values"] * 2
+    fast.load_state_dict(state)  # in place: the cached SciPy matrix must see it
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x) - fast.bias, 2 * (expected - layer.bias), atol=1e-5, rtol=0)
+
+    x_grad = torch.randn(1, 40, requires_grad=True)  # autograd inputs use torch's product
+    fast(x_grad).sum().backward()
+    assert x_grad.grad is not None and x_grad.grad.shape == (1, 40)
