@@ -142,12 +142,12 @@ def test_float64_works_and_other_dtypes_are_refused():
 
 def test_single_rows_take_the_scipy_path_and_see_weight_updates():
     pytest.importorskip("scipy")
-    layer = nn.Linear(40, 30)
+    layer = nn.Linear(400, 100)  # 8,000 weights kept: above the size where SciPy takes over
     with torch.no_grad():
-        layer.weight.mul_(torch.rand(30, 40) < 0.2)
+        layer.weight.mul_(torch.rand(100, 400) < 0.2)
     fast = SparseLinear.from_dense(layer)
     torch_only = SparseLinear.from_dense(layer, use_scipy=False)
-    x = torch.randn(1, 40)
+    x = torch.randn(1, 400)
     with torch.no_grad():
         expected = layer(x)
         torch.testing.assert_close(fast(x), expected, atol=1e-6, rtol=0)
@@ -162,6 +162,6 @@ def test_single_rows_take_the_scipy_path_and_see_weight_updates():
     with torch.no_grad():
         torch.testing.assert_close(fast(x) - fast.bias, 2 * (expected - layer.bias), atol=1e-5, rtol=0)
 
-    x_grad = torch.randn(1, 40, requires_grad=True)  # autograd inputs use torch's product
+    x_grad = torch.randn(1, 400, requires_grad=True)  # autograd inputs use torch's product
     fast(x_grad).sum().backward()
-    assert x_grad.grad is not None and x_grad.grad.shape == (1, 40)
+    assert x_grad.grad is not None and x_grad.grad.shape == (1, 400)
