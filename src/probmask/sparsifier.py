@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from probmask.fixing import sample_mask, topk_mask
 from probmask.masks import MaskMode, MaskParametrization, relaxed_masked_weight
-from probmask.projection import project_
+from probmask.projection import project_, work_buffer
 from probmask.report import LayerReport, Report
 from probmask.schedules import CubicBudget, TemperatureSchedule
 from probmask.selection import DEFAULT_MODULE_TYPES, Target, select_targets
@@ -278,7 +278,7 @@ class ProbMask:
                     f"NaN or inf in the weights {bad[:4]}: lower the learning rate or clip gradients"
                 )
         if self._buffer is None or self._buffer.device != self.scores.device:
-            self._buffer = torch.empty_like(self.scores)
+            self._buffer = work_buffer(self.scores)
         floors = self.floors if any(self.floors) else None
         result = project_(
             self.scores, self.budget, sizes=self.sizes, floors=floors,
