@@ -11,7 +11,7 @@ true one, so a step taken from the left of the root never passes it (``f`` lies 
 tangent line on the right), the iteration is monotone from the left, and it stops when the step
 is below one float32 unit in the last place (or ``f`` meets the budget to the accuracy of its
 float32 sum): the answer is exact to float32, not to a tolerance. Steps from the right of the
-root and float32 rounding are safeguarded by a bracket (see ``_Search``).
+root and float32 rounding are safeguarded by a bracket (see "the search" below).
 
 Floors enter the same iteration: the budget equation is ``sum_l max(f_l(v), floor_l) = k``
 (a layer held at its floor contributes the floor and no slope), so one Newton iteration with
@@ -93,22 +93,9 @@ def project_(
             f"the per-layer floors ask for {floor_total:.0f} kept weights but the budget is "
             f"{budget:.0f}: lower the floors or the sparsity"
         )
-    nlayers = len(sizes)
     plan = _Plan(scores, sizes, buffer)
-    layer_floors = None
-    if floors is not None:
-        layer_floors = floor_t.numpy() if plan.host else floor_t.to(scores.device)
-    v, last = _solve_budget(plan, float(budget), layer_floors, max(float(start), 0.0))
-    thresholds = [v] * nlayers
-    binding = [False] * nlayers
-    if layer_floors is not None:
-        # layers whose sum at v falls short of their floor get their own, lower threshold
-        short = plan.to_host(last[1] < layer_floors * (1 - _FLOOR_RTOL))
-        bound = [i for i in range(nlayers) if short[i]]
-        if bound:
-            for i, c in zip(bound, _solve_floors(plan, bound, layer_floors, last)):
-                thresholds[i] = c
-                binding[i] = True
+    solve = _solve_host if plan.host else _solve_device
+    v, thresholds, binding = solve(plan, float(budget), floor_t if floors is not None else None, float(start))
     plan.apply(thresholds)
     return ProjectionResult(
         v,
@@ -164,16 +151,15 @@ def _on_host(device: torch.device) -> bool:
 class _Plan:
     """The scores cut into chunks, each inside one layer, with a work view for each chunk.
 
-    On the CPU chunks have at most ``_CPU_CHUNK`` elements and share one small work buffer, and
-    the search's scalar arithmetic runs in numpy (reading a CPU tensor needs no synchronisation
-    and numpy's scalar operations cost a fraction of torch's). On an accelerator a chunk is a
-    whole layer with its own view of a full-size buffer, and everything stays on the device.
+    On the CPU chunks have at most ``_CPU_CHUNK`` elements and share one small work buffer (so an
+    evaluation reads the scores once and the rest stays in the cache) and results come back as
+    Python floats. On an accelerator a chunk is a whole layer with its own view of a full-size
+    buffer and results stay on the device.
     """
 
     def __init__(self, scores: Tensor, sizes: list[int], buffer: Tensor | None) -> None:
         self.device = scores.device
         self.host = _on_host(scores.device)
-        self.xp: Any = np if self.host else torch
         self.nlayers = len(sizes)
         chunk = _CPU_CHUNK if self.host else max(sizes)
         need = min(chunk, max(sizes)) if self.host else scores.numel()
@@ -198,87 +184,37 @@ class _Plan:
                 self.work.append(work[w0 : w0 + length])
                 self.layer.append(i)
             offset += size
-        self.per_layer = len(self.src) != self.nlayers  # chunk sums must be gathered per layer
-        self.all = self.subset(range(self.nlayers))
+        self.all = self.subset(list(range(self.nlayers)))
         self.iterations = 0  # evaluations done so far
 
-    # -------------------------------------------------------------- arrays of the search
-    def full(self, count: int | None, value: float, dtype: str = "float64") -> Any:
-        """An array of the search (numpy on the CPU, a device tensor elsewhere); 0-dim if count is None."""
-        shape = () if count is None else (count,)
-        if self.host:
-            return np.full(shape, value, dtype=dtype)
-        return torch.full(shape, value, dtype=getattr(torch, dtype), device=self.device)
-
-    def f32(self, x: Any) -> Any:
-        return x.astype(np.float32) if self.host else x.float()
-
-    def f64(self, x: Any) -> Any:
-        return np.asarray(x, dtype=np.float64) if self.host else x.double()
-
-    def to_host(self, x: Any) -> list:
-        return np.asarray(x).reshape(-1).tolist() if self.host else x.reshape(-1).tolist()
-
-    # -------------------------------------------------------------- passes over the scores
-    def subset(self, layers: Sequence[int]) -> tuple[list[int], list[int], Any]:
+    def subset(self, layers: list[int]) -> tuple[list[int], list[int]]:
         """The chunks of ``layers`` (ascending) and each chunk's position in ``layers``."""
         where = {layer: j for j, layer in enumerate(layers)}
         chunks = [k for k, i in enumerate(self.layer) if i in where]
-        local = [where[self.layer[k]] for k in chunks]
-        index = np.array(local, dtype=np.int64) if self.host else torch.tensor(local, device=self.device)
-        return chunks, local, index
+        return chunks, [where[self.layer[k]] for k in chunks]
 
-    def evaluate(self, c32: Any, subset: tuple[list[int], list[int], Any], count: int, check: bool = False):
-        """Per-layer f(c) = sum clamp(s - c, 0, 1) and slope counts #{s > c} over ``subset``.
+    def sums(self, thresholds: Any, subset: tuple[list[int], list[int]], check: bool) -> Tensor:
+        """Per chunk of ``subset``: [raw sum,] sum clamp(s - c, 0, 1) and #{s > c}, stacked.
 
-        ``c32`` is one float32 threshold for all, or one per layer of the subset. With ``check``
-        it also returns the raw sum of the scores (clamping hides +-inf; NaN shows there too).
-        No host synchronisation on an accelerator.
+        ``thresholds`` holds one float32 threshold, or one per layer of the subset (Python floats
+        on the CPU, a device tensor elsewhere). The raw sums (with ``check``) show NaN and +-inf,
+        which clamping hides. No host synchronisation.
         """
-        chunks, local, index = subset
-        if self.host:
-            cs = np.asarray(c32).reshape(-1).tolist()  # python floats: the cheapest scalar operand
-        else:
-            cs = c32.reshape(-1)
-        scalar = len(cs) == 1
-        sums = []
+        chunks, local = subset
+        scalar = len(thresholds) == 1
+        out = []
         for j, k in enumerate(chunks):
             src, work = self.src[k], self.work[k]
             if check:
-                sums.append(src.sum())
-            torch.sub(src, cs[0] if scalar else cs[local[j]], out=work).clamp_(0.0, 1.0)
-            sums.append(work.sum())
-            sums.append(work.ceil_().sum())  # 1 where s > c, else 0: faster than count_nonzero on CPU
-        per = 3 if check else 2
-        stacked = torch.stack(sums).view(-1, per)
-        raw = None
-        if self.host:
-            values = np.array(stacked.tolist(), dtype=np.float64)
-            if check:
-                raw = values[:, 0].sum()
-            f, n = values[:, per - 2], values[:, per - 1]
-            if len(chunks) != count:
-                f = np.bincount(index, weights=f, minlength=count)
-                n = np.bincount(index, weights=n, minlength=count)
-            return f, n, raw
-        values = stacked.double()
-        if check:
-            raw = values[:, 0].sum()
-        f, n = values[:, per - 2], values[:, per - 1]
-        if len(chunks) != count:
-            zeros = torch.zeros(count, dtype=torch.float64, device=self.device)
-            f, n = zeros.index_add(0, index, f), zeros.index_add(0, index, n)
-        return f, n, raw
+                out.append(src.sum())
+            torch.sub(src, thresholds[0] if scalar else thresholds[local[j]], out=work).clamp_(0.0, 1.0)
+            out.append(work.sum())
+            out.append(work.ceil_().sum())  # 1 where s > c, else 0: faster than count_nonzero on CPU
+        return torch.stack(out).view(len(chunks), -1)
 
-    def layer_min(self, subset: tuple[list[int], list[int], Any], count: int) -> Any:
-        """The smallest score of each layer of ``subset``."""
-        mins = torch.stack([self.src[k].amin() for k in subset[0]]).double()
-        if self.host:
-            out = np.full(count, math.inf)
-            np.minimum.at(out, subset[2], mins.numpy())
-            return out
-        out = torch.full((count,), math.inf, dtype=torch.float64, device=self.device)
-        return out.scatter_reduce_(0, subset[2], mins, "amin")
+    def layer_min(self, subset: tuple[list[int], list[int]]) -> Tensor:
+        """The smallest score of each chunk of ``subset`` (no sync)."""
+        return torch.stack([self.src[k].amin() for k in subset[0]])
 
     def apply(self, thresholds: list[float]) -> None:
         """In place: s <- clamp(s - c_l, 0, 1) with each layer's threshold."""
@@ -286,71 +222,115 @@ class _Plan:
             src.sub_(thresholds[i]).clamp_(0.0, 1.0)
 
 
-class _Search:
-    """Safeguarded Newton iteration for f(c) = target, f non-increasing and piecewise linear.
+# ------------------------------------------------------------------------------ the search
+# f(c) = target with f non-increasing and piecewise linear, by safeguarded Newton steps.
+#
+# The slope is the count #{s > c}, never smaller than the true slope anywhere to the right of
+# c: from the left (f >= target) a step never passes the root, so the iterates rise
+# monotonically to it. From the right a step may land on either side; the count overstates the
+# slope there when scores sit above c + 1, so a second point on the right steps with the secant
+# slope of the two right points instead. The search keeps the bracket [lo, hi] of the largest
+# point seen with f >= target and the smallest with f < target, and falls back to it where
+# neither helps: no slope from the right (go to lo), or a step leaving the bracket, which float32
+# rounding of the sums can cause when many scores tie (bisect). ``lo`` starts as a lower limit
+# of the search, not known to be a left point unless ``lo_known``. It stops when the next step is
+# below one float32 ulp, when f meets the target to the accuracy of a float32 sum (a few ulps),
+# or when the bracket is down to neighbouring floats (then hi, where f < target, is the answer);
+# the answer is rounded up to a float32, so that f(v) <= target rather than just above.
+#
+# _HostSearch does this in Python floats, one problem at a time (on the CPU, tensor or numpy
+# scalar arithmetic would cost more than a pass over LeNet-sized scores); _DeviceSearch in
+# device tensors, vectorised over problems, without host synchronisation. Same decisions.
 
-    Vectorised over independent problems (one entry, or one per layer), in the plan's arrays; no
-    host syncs on an accelerator. The slope is the count #{s > c}, never smaller than the true
-    slope anywhere to the right of c: from the left (f >= target) a step never passes the root,
-    so the iterates rise monotonically to it. From the right a step may land on either side;
-    the count overstates the slope there when scores sit above c + 1, so a second point on the
-    right steps with the secant slope of the two right points instead. The search keeps the
-    bracket [lo, hi] of the largest point seen with f >= target and the smallest with
-    f < target, and falls back to it where neither helps: no slope from the right (go to lo), or
-    a step leaving the bracket, which float32 rounding of the sums can cause when many scores
-    tie (bisect). ``lo`` starts as a lower limit of the search, not known to be a left point
-    unless ``lo_known``.
-    """
 
-    def __init__(self, plan: _Plan, lo: Any, target: Any, lo_known: bool) -> None:
-        self.plan, self.xp = plan, plan.xp
-        count = None if lo.ndim == 0 else lo.shape[0]
-        self.lo = lo
-        self.target = target
-        self.tol = _SUM_RTOL * self.xp.maximum(target, plan.full(count, 1.0))
-        self.lo_ok = plan.full(count, lo_known, "bool")
-        self.hi = plan.full(count, math.inf)
-        self.f_hi = plan.full(count, 0.0)  # f at hi
-        self.inf32 = plan.full(None, math.inf, "float32")
-        self.one = plan.full(None, 1.0)
+def _f32(x: float) -> float:
+    return float(np.float32(x))
 
-    def step(self, c32: Any, f: Any, slope: Any) -> tuple[Any, Any]:
-        """(next point in float64, done) from the evaluation f(c32) and its slope count."""
-        xp, plan, target = self.xp, self.plan, self.target
-        c = plan.f64(c32)
+
+def _up32(x: float) -> float:
+    """The next float32 above the float32 ``x``."""
+    return float(np.nextafter(np.float32(x), np.float32(math.inf)))
+
+
+class _HostSearch:
+    def __init__(self, lo: float, target: float, lo_known: bool) -> None:
+        self.lo, self.target, self.lo_ok = lo, target, lo_known
+        self.tol = _SUM_RTOL * max(target, 1.0)
+        self.hi, self.f_hi = math.inf, 0.0
+
+    def step(self, c: float, f: float, slope: float) -> tuple[float, bool]:
+        """(next point, done) from f and the slope count at the float32 point c."""
+        target, lo, hi = self.target, self.lo, self.hi
         left = f >= target
-        # f equals the target to the accuracy of a float32 sum (a few ulps): take the Newton point
         close = abs(f - target) <= self.tol
-        right = ~left & ~close
-        had_right = xp.isfinite(self.hi)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            secant = (f - self.f_hi) / (self.hi - c)  # > 0 when both are right points and f rose
-        lo = xp.where(left, xp.maximum(self.lo, c), self.lo)
-        lo_ok = self.lo_ok | left
-        hi = xp.where(left, self.hi, xp.minimum(self.hi, c))
-        self.f_hi = xp.where(left | (c > self.hi), self.f_hi, f)
-        nxt = c + (f - target) / xp.maximum(slope, self.one)
-        use_secant = right & had_right & (secant > 0) & (secant < slope)
-        nxt = xp.where(use_secant, c + (f - target) / xp.where(use_secant, secant, self.one), nxt)
-        nxt = xp.where(right & (slope == 0), lo, nxt)
-        outside = (nxt >= hi) | ((nxt <= lo) & ~left)
-        nxt = xp.where(~close & outside & lo_ok & xp.isfinite(hi), 0.5 * (lo + hi), nxt)
-        nxt = xp.maximum(nxt, lo)
-        # done: the step is below one float32 ulp, f is close, or the bracket is down to
-        # neighbouring floats (then hi, where f < target, is the answer)
-        ulp = xp.nextafter(abs(c32), self.inf32) - abs(c32)
-        tight = lo_ok & (hi <= plan.f64(xp.nextafter(plan.f32(lo), self.inf32)))
-        nxt = xp.where(tight & ~close, hi, nxt)
-        done = (abs(plan.f32(nxt) - c32) <= ulp) | close | tight
+        right = not left and not close
+        had_right = hi != math.inf
+        secant = (f - self.f_hi) / (hi - c) if had_right and hi != c else math.nan
+        if left:
+            lo = max(lo, c)
+        elif c <= hi:
+            self.f_hi, hi = f, c
+        lo_ok = self.lo_ok or left
+        nxt = c + (f - target) / max(slope, 1.0)
+        if right and had_right and 0.0 < secant < slope:
+            nxt = c + (f - target) / secant
+        if right and slope == 0:
+            nxt = lo
+        outside = nxt >= hi or (nxt <= lo and not left)
+        if not close and outside and lo_ok and hi != math.inf:
+            nxt = 0.5 * (lo + hi)
+        nxt = max(nxt, lo)
+        tight = lo_ok and hi <= _up32(_f32(lo))
+        if tight and not close:
+            nxt = hi
+        done = abs(_f32(nxt) - c) <= _up32(abs(c)) - abs(c) or close or tight
         self.lo, self.hi, self.lo_ok = lo, hi, lo_ok
         return nxt, done
 
-    def round_up(self, nxt: Any) -> list[float]:
-        """The float32 at or above each Newton point, so that f(v) <= target rather than just above."""
-        xp, plan = self.xp, self.plan
-        v32 = plan.f32(nxt)
-        v32 = xp.where(plan.f64(v32) < nxt, xp.nextafter(v32, self.inf32), v32)
-        return [float(x) for x in plan.to_host(v32)]
+    @staticmethod
+    def round_up(x: float) -> float:
+        v = _f32(x)
+        return _up32(v) if v < x else v
+
+
+class _DeviceSearch:
+    def __init__(self, lo: Tensor, target: Tensor, lo_known: bool) -> None:
+        self.lo, self.target = lo, target
+        self.lo_ok = torch.full_like(lo, lo_known, dtype=torch.bool)
+        self.tol = _SUM_RTOL * target.clamp_min(1.0)
+        self.hi = torch.full_like(lo, math.inf)
+        self.f_hi = torch.zeros_like(lo)
+        self.inf32 = torch.tensor(math.inf, dtype=torch.float32, device=lo.device)
+
+    def step(self, c32: Tensor, f: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
+        """(next point in float64, done) from f and the slope count at the float32 points c32."""
+        target, c = self.target, c32.double()
+        left = f >= target
+        close = (f - target).abs() <= self.tol
+        right = ~left & ~close
+        had_right = torch.isfinite(self.hi)
+        secant = (f - self.f_hi) / (self.hi - c)  # > 0 when both are right points and f rose
+        lo = torch.where(left, torch.maximum(self.lo, c), self.lo)
+        self.f_hi = torch.where(left | (c > self.hi), self.f_hi, f)
+        hi = torch.where(left, self.hi, torch.minimum(self.hi, c))
+        lo_ok = self.lo_ok | left
+        nxt = c + (f - target) / slope.clamp_min(1.0)
+        use_secant = right & had_right & (secant > 0) & (secant < slope)
+        nxt = torch.where(use_secant, c + (f - target) / torch.where(use_secant, secant, 1.0), nxt)
+        nxt = torch.where(right & (slope == 0), lo, nxt)
+        outside = (nxt >= hi) | ((nxt <= lo) & ~left)
+        nxt = torch.where(~close & outside & lo_ok & torch.isfinite(hi), 0.5 * (lo + hi), nxt)
+        nxt = torch.maximum(nxt, lo)
+        ulp = torch.nextafter(c32.abs(), self.inf32) - c32.abs()
+        tight = lo_ok & (hi <= torch.nextafter(lo.float(), self.inf32).double())
+        nxt = torch.where(tight & ~close, hi, nxt)
+        done = ((nxt.float() - c32).abs() <= ulp) | close | tight
+        self.lo, self.hi, self.lo_ok = lo, hi, lo_ok
+        return nxt, done
+
+    def round_up(self, x: Tensor) -> Tensor:
+        v32 = x.float()
+        return torch.where(v32.double() < x, torch.nextafter(v32, self.inf32), v32)
 
 
 def _blocks(host: bool):
@@ -376,68 +356,159 @@ def _not_converged(iters: int) -> RuntimeError:
     )
 
 
-def _solve_budget(plan: _Plan, budget: float, floors: Any, start: float) -> tuple[float, tuple[Any, Any, Any]]:
-    """Smallest float32 v >= 0 with g(v) <= budget, g(v) = sum_l max(f_l(v), floor_l).
+# ------------------------------------------------------------------------------ the solves
+# First the global threshold: the smallest float32 v >= 0 with g(v) <= budget, where
+# g(v) = sum_l max(f_l(v), floor_l): a layer short of its floor at v contributes its floor (it
+# will get its own threshold) and no slope. Then the layers short of their floor at v solve
+# f_l(c_l) = floor_l together, each with its own threshold, starting from the first solve's last
+# evaluation (so their first Newton step costs no pass); the smallest score minus one is a known
+# left point of each (f_l = its size there). Both return (v, per-layer thresholds, floor binding).
 
-    A layer whose sum at v is below its floor contributes its floor (it will get its own lower
-    threshold) and no slope. Returns v and the last evaluation: its point and per-layer f and
-    slope counts.
-    """
-    xp = plan.xp
-    search = _Search(plan, plan.full(None, 0.0), plan.full(None, budget), lo_known=False)
-    c = plan.full(None, start)
+
+def _solve_host(
+    plan: _Plan, budget: float, floors: Tensor | None, start: float
+) -> tuple[float, list[float], list[bool]]:
+    nl = plan.nlayers
+    fl = None if floors is None else floors.tolist()
+    search = _HostSearch(0.0, budget, lo_known=False)
+    c = _f32(max(start, 0.0))
     iters = 0
-    blocks = _blocks(plan.host)
-    raw_total = None
-    zero = plan.full(None, 0.0)
-    while iters < _MAX_ITERS:
+    while True:
+        rows = plan.sums([c], plan.all, check=iters == 0).tolist()
+        if iters == 0:
+            raw = math.fsum(r[0] for r in rows)
+            rows = [r[1:] for r in rows]
+        f_l, n_l = [0.0] * nl, [0.0] * nl
+        for (f, n), i in zip(rows, plan.layer):
+            f_l[i] += f
+            n_l[i] += n
+        if fl is None:
+            g, slope = sum(f_l), sum(n_l)
+        else:
+            g = sum(max(f, floor) for f, floor in zip(f_l, fl))
+            slope = sum(n for f, n, floor in zip(f_l, n_l, fl) if f > floor)
+        if not (math.isfinite(g) and math.isfinite(raw)):
+            _raise_non_finite()
+        nxt, done = search.step(c, g, slope)
+        iters += 1
+        if done:
+            break
+        if iters >= _MAX_ITERS:
+            raise _not_converged(iters)
+        c = _f32(nxt)
+    plan.iterations += iters
+    v = search.round_up(nxt)
+    thresholds, binding = [v] * nl, [False] * nl
+    if fl is None:
+        return v, thresholds, binding
+    bound = [i for i in range(nl) if f_l[i] < fl[i] * (1 - _FLOOR_RTOL)]
+    if not bound:
+        return v, thresholds, binding
+    subset = plan.subset(bound)
+    mins = [math.inf] * len(bound)
+    for m, j in zip(plan.layer_min(subset).tolist(), subset[1]):
+        mins[j] = min(mins[j], m)
+    searches = [_HostSearch(m - 1.0, fl[i], lo_known=True) for m, i in zip(mins, bound)]
+    cs = [c] * len(bound)
+    f_b, n_b = [f_l[i] for i in bound], [n_l[i] for i in bound]
+    pending = list(range(len(bound)))
+    iters = 0
+    while pending:
+        if iters > 0:  # evaluate the layers not yet converged, each at its own threshold
+            where = {j: p for p, j in enumerate(pending)}
+            sub = ([k for k, j in zip(*subset) if j in where], [where[j] for j in subset[1] if j in where])
+            rows = plan.sums([cs[j] for j in pending], sub, check=False).tolist()
+            f_b, n_b = [0.0] * len(bound), [0.0] * len(bound)
+            for (f, n), pos in zip(rows, sub[1]):
+                f_b[pending[pos]] += f
+                n_b[pending[pos]] += n
+        still = []
+        for j in pending:
+            nxt, done = searches[j].step(cs[j], f_b[j], n_b[j])
+            if done:
+                thresholds[bound[j]] = _HostSearch.round_up(nxt)
+                binding[bound[j]] = True
+            else:
+                cs[j] = _f32(nxt)
+                still.append(j)
+        pending = still
+        iters += 1
+        if iters >= _MAX_ITERS and pending:
+            raise _not_converged(iters)
+    plan.iterations += iters - 1
+    return v, thresholds, binding
+
+
+def _solve_device(
+    plan: _Plan, budget: float, floors: Tensor | None, start: float
+) -> tuple[float, list[float], list[bool]]:
+    device, nl = plan.device, plan.nlayers
+    index = torch.tensor(plan.layer, device=device)
+    fl = None if floors is None else floors.to(device)
+
+    def per_layer(rows: Tensor, count: int, idx: Tensor) -> tuple[Tensor, Tensor]:
+        rows = rows.double()
+        if rows.shape[0] == count:
+            return rows[:, -2], rows[:, -1]
+        zeros = torch.zeros(count, dtype=torch.float64, device=device)
+        return zeros.index_add(0, idx, rows[:, -2]), zeros.index_add(0, idx, rows[:, -1])
+
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    search = _DeviceSearch(zero, torch.tensor(budget, dtype=torch.float64, device=device), False)
+    c = torch.tensor(max(start, 0.0), dtype=torch.float64, device=device)
+    iters, raw = 0, None
+    blocks = _blocks(False)
+    while True:
         for _ in range(next(blocks)):
-            c32 = plan.f32(c)
-            f_l, n_l, raw = plan.evaluate(c32, plan.all, plan.nlayers, check=raw_total is None)
-            raw_total = raw if raw_total is None else raw_total
-            if floors is None:
+            c32 = c.float()
+            rows = plan.sums(c32.reshape(1), plan.all, check=raw is None)
+            if raw is None:
+                raw = rows[:, 0].double().sum()
+            f_l, n_l = per_layer(rows, nl, index)
+            if fl is None:
                 g, slope = f_l.sum(), n_l.sum()
             else:
-                g = xp.maximum(f_l, floors).sum()
-                slope = xp.where(f_l > floors, n_l, zero).sum()
+                g = torch.maximum(f_l, fl).sum()
+                slope = torch.where(f_l > fl, n_l, zero).sum()
             c, done = search.step(c32, g, slope)
             iters += 1
-        if plan.host:
-            state = [bool(done), bool(np.isfinite(g) and np.isfinite(raw_total))]
-        else:
-            ok = torch.isfinite(g) & torch.isfinite(raw_total)
-            state = torch.stack([done, ok]).tolist()  # the one host sync of this block
+        state = torch.stack([done, torch.isfinite(g) & torch.isfinite(raw)]).tolist()  # one sync
         if not state[1]:
             _raise_non_finite()
         if state[0]:
-            plan.iterations += iters
-            return search.round_up(c)[0], (c32, f_l, n_l)
-    raise _not_converged(iters)
-
-
-def _solve_floors(plan: _Plan, layers: list[int], floors: Any, last: tuple[Any, Any, Any]) -> list[float]:
-    """For ``layers`` (all short of their floor at v), the float32 c_l < v with f_l(c_l) = floor_l.
-
-    These layers iterate together, each with its own threshold, starting from the budget
-    solve's last evaluation (so the first Newton step costs no pass). The smallest score minus
-    one is a known left point of each layer (f_l = its size there).
-    """
-    count = len(layers)
-    pos = np.array(layers) if plan.host else torch.tensor(layers, device=plan.device)
-    subset = plan.subset(layers)
-    search = _Search(plan, plan.layer_min(subset, count) - 1.0, floors[pos], lo_known=True)
-    c32 = last[0] + plan.full(count, 0.0, "float32")
-    f, n = last[1][pos], last[2][pos]
+            break
+        if iters >= _MAX_ITERS:
+            raise _not_converged(iters)
+    plan.iterations += iters
+    v = float(search.round_up(c))
+    thresholds, binding = [v] * nl, [False] * nl
+    if fl is None:
+        return v, thresholds, binding
+    bound = [i for i, short in enumerate((f_l < fl * (1 - _FLOOR_RTOL)).tolist()) if short]
+    if not bound:
+        return v, thresholds, binding
+    subset = plan.subset(bound)
+    local = torch.tensor(subset[1], device=device)
+    pos = torch.tensor(bound, device=device)
+    lo = torch.full((len(bound),), math.inf, dtype=torch.float64, device=device)
+    lo = lo.scatter_reduce(0, local, plan.layer_min(subset).double(), "amin") - 1.0
+    search = _DeviceSearch(lo, fl[pos], lo_known=True)
+    c32 = c32.expand(len(bound))
+    f, n = f_l[pos], n_l[pos]
     iters = 0
-    blocks = _blocks(plan.host)
-    while iters < _MAX_ITERS:
+    blocks = _blocks(False)
+    while True:
         for _ in range(next(blocks)):
             if iters > 0:
-                f, n, _ = plan.evaluate(c32, subset, count)
+                f, n = per_layer(plan.sums(c32, subset, check=False), len(bound), local)
             c, done = search.step(c32, f, n)
+            c32 = c.float()
             iters += 1
-            c32 = plan.f32(c)
         if bool(done.all()):  # the one host sync of this block
-            plan.iterations += iters - 1
-            return search.round_up(c)
-    raise _not_converged(iters)
+            break
+        if iters >= _MAX_ITERS:
+            raise _not_converged(iters)
+    plan.iterations += iters - 1
+    for i, t in zip(bound, search.round_up(c).tolist()):
+        thresholds[i], binding[i] = t, True
+    return v, thresholds, binding
