@@ -9,6 +9,7 @@ module with a ``torch.nn.utils.parametrize`` parametrization: no module is repla
 from __future__ import annotations
 
 import enum
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover
     from probmask.sparsifier import ProbMask
 
-__all__ = ["EPS", "MaskMode", "relaxed_masked_weight", "relaxed_mask"]
+__all__ = ["EPS", "MaskMode", "relaxed_mask", "relaxed_masked_weight", "relaxed_masked_weights"]
 
 EPS = 1e-20  # guards the logs; logit(1) = log(1 + EPS) - log(EPS) ~ +46
 
@@ -30,52 +31,137 @@ class MaskMode(enum.Enum):
     FIXED = "fixed"  # after fix_mask: one fixed binary mask
 
 
-def _logit_(x: Tensor) -> Tensor:
-    """In place: log(x + EPS) - log(1 - x + EPS), finite for x in [0, 1]."""
-    other = torch.sub(1.0, x).add_(EPS)  # (1 + EPS) would round to 1 before the subtraction
-    return x.add_(EPS).log_().sub_(other.log_())
+def _logit_scores(score: Tensor) -> Tensor:
+    """logit s = log(s+e) - log(1-s+e) for detached scores, as one log of the ratio: a new tensor.
+
+    Both factors lie in [1e-20, 1 + 1e-20], so the ratio neither overflows nor loses precision.
+    """
+    minus = torch.sub(1.0, score).add_(EPS)  # (1 + EPS) would round to 1 before the subtraction
+    return torch.add(score, EPS).div_(minus).log_()
 
 
-def _relaxed_logits(score: Tensor, temperature: float) -> Tensor:
-    """z = (logit s + L) * T with L = log u - log(1 - u), u ~ U(0, 1): a new tensor."""
-    z = _logit_(torch.rand_like(score))  # one uniform per weight: Logistic(0, 1) noise
-    z.add_(_logit_(score.detach().clone()))
-    return z.mul_(temperature)
+def _dlogit_dscore(score: Tensor) -> Tensor:
+    """1 / ((s+e)(1-s+e)) for detached scores: d(logit s)/ds up to 1 + 2e, which rounds to 1."""
+    return torch.sub(1.0, score).add_(EPS).mul_(torch.add(score, EPS)).reciprocal_()
 
 
-def _dmask_dscore(z: Tensor, score: Tensor, temperature: float) -> Tensor:
-    """dm/ds = T * sigmoid(z) * sigmoid(-z) * (1/(s+EPS) + 1/(1-s+EPS)), computed stably.
+_LIMITS: dict[torch.dtype, tuple[float, float, float]] = {}
 
-    ``m * (1 - m)`` would round to 0 once ``sigmoid(z)`` rounds to 1 (z > ~17 in float32); the
-    form ``a * (1 - a)`` with ``a = sigmoid(-|z|)`` keeps the true, tiny value, so scores at
-    exactly 1 still receive a gradient while the temperature is low.
+
+def _limits(dtype: torch.dtype) -> tuple[float, float, float]:
+    """(cap on |z|, smallest mask value kept, smallest a * (1 - a) kept) for ``dtype``.
+
+    Subnormal floats are slow on CPUs (a matrix product with subnormal weights ran 20x slower
+    here) and carry almost no precision, so the relaxation never produces them. |z| is capped at
+    -log(tiny) (87 in float32), where sigmoid(-|z|) is still normal, and a score's gradient is
+    set to 0 where the cap bit (its true value is below T * tiny / e, about 1e-18 of
+    |w * grad|; the unguarded form computed it in subnormals or lost it to underflow). Mask
+    values below tiny * 2**26 (2**-100 in float32) are set to 0, so that masked weights of
+    magnitude >= 2**-26 stay normal; such a weight changes by less than 2**-100 of itself.
+    """
+    limits = _LIMITS.get(dtype)
+    if limits is None:
+        tiny = torch.finfo(dtype).tiny
+        limits = _LIMITS[dtype] = (float(math.floor(-math.log(tiny))), tiny * 2.0**26, 1.5 * tiny)
+    return limits
+
+
+def _mask_(z: Tensor) -> Tensor:
+    """m = sigmoid(z) with tiny values flushed to 0: a new tensor."""
+    return torch.nn.functional.threshold_(torch.sigmoid(z), _limits(z.dtype)[1], 0.0)
+
+
+def _dmask_dlogit(z: Tensor) -> Tensor:
+    """dm/dz / T = sigmoid(z) * sigmoid(-z) = a * (1 - a), a = sigmoid(-|z|): a new tensor.
+
+    ``m * (1 - m)`` would round to 0 once sigmoid(z) rounds to 1 (z > ~17 in float32); this form
+    keeps the true, tiny value, so scores at exactly 1 still receive a gradient while the
+    temperature is low.
     """
     a = z.abs().neg_().sigmoid_()
-    a.mul_(torch.sub(1.0, a))
-    inv = (score + EPS).mul_(torch.sub(1.0, score).add_(EPS)).reciprocal_()
-    return a.mul_(inv).mul_(temperature)
+    a.addcmul_(a, a, value=-1.0)
+    return torch.nn.functional.threshold_(a, _limits(z.dtype)[2], 0.0)
+
+
+def _relaxed_logits(noise: Tensor, logit_s: Tensor, temperature: float) -> Tensor:
+    """z = (logit u + logit s) * T, capped (see :func:`_limits`), in ``noise``'s storage.
+
+    ``noise`` holds u in [0, 1): logit(u, eps=e) clamps u to [e, 1 - e], which for u < 1 equals
+    log(u + e) - log(1 - u + e) in floating point.
+    """
+    cap = _limits(noise.dtype)[0]
+    return noise.logit_(EPS).add_(logit_s).mul_(temperature).clamp_(-cap, cap)
 
 
 class _RelaxedMaskedWeight(torch.autograd.Function):
-    """weight * relaxed_mask(score), keeping only the logits z alive for the backward pass."""
+    """weight * relaxed_mask(score), keeping only the logits z (one tensor) for backward."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, score: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        z = _relaxed_logits(score, temperature)
+        logit_s = _logit_scores(score.detach())
+        z = _relaxed_logits(torch.rand_like(score), logit_s, temperature)  # one uniform per weight
         ctx.save_for_backward(weight, score, z)
         ctx.temperature = temperature
-        return torch.sigmoid(z).mul_(weight).to(weight.dtype)
+        return _mask_(z).mul_(weight).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, score, z = ctx.saved_tensors
         grad_w = grad_s = None
         if ctx.needs_input_grad[0]:
-            grad_w = (torch.sigmoid(z).mul_(grad)).to(weight.dtype)
+            grad_w = _mask_(z).mul_(grad).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            grad_s = _dmask_dscore(z, score, ctx.temperature).mul_(grad).mul_(weight)
-            grad_s = grad_s.to(score.dtype)
+            grad_s = _dmask_dlogit(z).mul_(_dlogit_dscore(score.detach())).mul_(ctx.temperature)
+            grad_s = grad_s.mul_(grad).mul_(weight).to(score.dtype)
         return grad_w, grad_s, None
+
+
+class _RelaxedMaskedWeights(torch.autograd.Function):
+    """Every layer's ``weight * relaxed_mask(score)`` at once, from the flat score buffer.
+
+    The same maths as :class:`_RelaxedMaskedWeight`, but the noise, the logits, the masks and
+    the score gradient are computed in a few passes over the flat buffer instead of a dozen
+    small operations per layer, and the score gradient is written straight into one flat
+    tensor (per-layer score views would make autograd allocate and concatenate one). Saved for
+    backward: the flat logits z (one float per weight), as the per-layer form saves its z.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, temperature: float, *weights: Tensor):  # type: ignore[override]
+        logit_s = _logit_scores(scores.detach())
+        z = _relaxed_logits(torch.rand_like(scores), logit_s, temperature)  # one uniform per weight
+        del logit_s
+        sizes = [w.numel() for w in weights]
+        # per layer, so that the only new tensors are the outputs (fewer page faults on the CPU)
+        outs = tuple(_mask_(zl.view(w.shape)).mul_(w).to(w.dtype) for zl, w in zip(z.split(sizes), weights))
+        ctx.save_for_backward(scores, z, *weights)
+        ctx.temperature, ctx.sizes = temperature, sizes
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        scores, z, *weights = ctx.saved_tensors
+        sizes = ctx.sizes
+        grad_s = None
+        grad_ws: list[Tensor | None] = [None] * len(weights)
+        for i, (zl, w, g) in enumerate(zip(z.split(sizes), weights, grads)):
+            if ctx.needs_input_grad[2 + i]:
+                grad_ws[i] = _mask_(zl.view(w.shape)).mul_(g).to(w.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_s = _dmask_dlogit(z).mul_(_dlogit_dscore(scores.detach())).mul_(ctx.temperature)
+            for d, w, g in zip(grad_s.split(sizes), weights, grads):
+                d.view(w.shape).mul_(g).mul_(w)
+            grad_s = grad_s.to(scores.dtype)
+        return (grad_s, None, *grad_ws)
+
+
+def relaxed_masked_weights(scores: Tensor, weights: list[Tensor], temperature: float) -> tuple[Tensor, ...]:
+    """``weights[l] * m_l`` for every layer, with fresh relaxed masks of the flat ``scores``.
+
+    ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``;
+    the noise is one flat draw in that order (the same numbers as one draw per layer in turn).
+    """
+    return _RelaxedMaskedWeights.apply(scores, float(temperature), *weights)
 
 
 class _RelaxedMask(torch.autograd.Function):
@@ -83,15 +169,19 @@ class _RelaxedMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, score: Tensor, noise: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        z = _logit_(noise.detach().clone()).add_(_logit_(score.detach().clone())).mul_(temperature)
+        u = noise.detach()
+        logit_u = torch.add(u, EPS).div_(torch.sub(1.0, u).add_(EPS)).log_()  # any u in [0, 1]
+        cap = _limits(logit_u.dtype)[0]
+        z = logit_u.add_(_logit_scores(score.detach())).mul_(temperature).clamp_(-cap, cap)
         ctx.save_for_backward(score, z)
         ctx.temperature = temperature
-        return torch.sigmoid(z)
+        return _mask_(z)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         score, z = ctx.saved_tensors
-        return _dmask_dscore(z, score, ctx.temperature).mul_(grad), None, None
+        dz = _dmask_dlogit(z).mul_(_dlogit_dscore(score.detach())).mul_(ctx.temperature)
+        return dz.mul_(grad), None, None
 
 
 def relaxed_masked_weight(weight: Tensor, score: Tensor, temperature: float) -> Tensor:

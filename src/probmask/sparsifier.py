@@ -19,7 +19,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from probmask.fixing import sample_mask, topk_mask
-from probmask.masks import MaskMode, MaskParametrization, relaxed_masked_weight
+from probmask.masks import (
+    MaskMode,
+    MaskParametrization,
+    relaxed_masked_weight,
+    relaxed_masked_weights,
+)
 from probmask.projection import project_, work_buffer
 from probmask.report import LayerReport, Report
 from probmask.schedules import CubicBudget, TemperatureSchedule
@@ -212,6 +217,10 @@ class ProbMask:
             )
         self._cache.clear()
         self._views = self._score_views()
+        if self.mode is MaskMode.RELAXED:  # sample every layer's mask now, in a few flat passes
+            weights = [self._original(i) for i in range(len(self.sizes))]
+            outs = relaxed_masked_weights(self.scores, weights, self.temperature)
+            self._cache.update(enumerate(outs))
 
     def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         self._cache.clear()  # the autograd graph keeps what backward needs
@@ -229,10 +238,10 @@ class ProbMask:
         score = views[index]
         mode = self.mode
         if mode is MaskMode.RELAXED:
-            out = relaxed_masked_weight(weight, score, self.temperature)
+            out = relaxed_masked_weight(weight, score, self.temperature)  # read outside model.forward
         elif mode is MaskMode.SAMPLED:
-            keep = torch.rand_like(score, dtype=torch.float32) < score.detach()
-            out = weight * keep.to(weight.dtype)
+            keep = torch.rand_like(score, dtype=torch.float32).lt_(score.detach())  # 1.0 / 0.0
+            out = keep.mul_(weight) if keep.dtype == weight.dtype else weight * keep.to(weight.dtype)
         else:
             assert self._fixed is not None
             out = weight * self._fixed_view(index).to(weight.dtype)
