@@ -31,18 +31,17 @@ class MaskMode(enum.Enum):
     FIXED = "fixed"  # after fix_mask: one fixed binary mask
 
 
-def _logit_scores(score: Tensor) -> Tensor:
-    """logit s = log(s+e) - log(1-s+e) for detached scores, as one log of the ratio: a new tensor.
-
-    Both factors lie in [1e-20, 1 + 1e-20], so the ratio neither overflows nor loses precision.
-    """
-    minus = torch.sub(1.0, score).add_(EPS)  # (1 + EPS) would round to 1 before the subtraction
-    return torch.add(score, EPS).div_(minus).log_()
+def _add_logit_scores_(z: Tensor, score: Tensor, work: Tensor) -> Tensor:
+    """In place: z += logit s = log(s+e) - log(1-s+e) of detached scores; ``work`` is scratch."""
+    z.sub_(torch.sub(1.0, score, out=work).add_(EPS).log_())  # (1 + EPS) would round to 1 first
+    return z.add_(torch.add(score, EPS, out=work).log_())
 
 
-def _dlogit_dscore(score: Tensor) -> Tensor:
-    """1 / ((s+e)(1-s+e)) for detached scores: d(logit s)/ds up to 1 + 2e, which rounds to 1."""
-    return torch.sub(1.0, score).add_(EPS).mul_(torch.add(score, EPS)).reciprocal_()
+def _dlogit_dscore(score: Tensor, work: Tensor) -> Tensor:
+    """``work`` <- 1 / ((s+e)(1-s+e)) = d(logit s)/ds of detached scores (up to 1 + 2e, which
+    rounds to 1), computed as 1 / (s(1-s) + e): the same float, as s + e rounds to s wherever
+    s(1-s) outweighs e."""
+    return torch.sub(1.0, score, out=work).mul_(score).add_(EPS).reciprocal_()
 
 
 _LIMITS: dict[torch.dtype, tuple[float, float, float]] = {}
@@ -83,14 +82,14 @@ def _dmask_dlogit(z: Tensor) -> Tensor:
     return torch.nn.functional.threshold_(a, _limits(z.dtype)[2], 0.0)
 
 
-def _relaxed_logits(noise: Tensor, logit_s: Tensor, temperature: float) -> Tensor:
+def _relaxed_logits(noise: Tensor, score: Tensor, temperature: float, work: Tensor) -> Tensor:
     """z = (logit u + logit s) * T, capped (see :func:`_limits`), in ``noise``'s storage.
 
     ``noise`` holds u in [0, 1): logit(u, eps=e) clamps u to [e, 1 - e], which for u < 1 equals
-    log(u + e) - log(1 - u + e) in floating point.
+    log(u + e) - log(1 - u + e) in floating point. ``work`` is scratch shaped like the scores.
     """
     cap = _limits(noise.dtype)[0]
-    return noise.logit_(EPS).add_(logit_s).mul_(temperature).clamp_(-cap, cap)
+    return _add_logit_scores_(noise.logit_(EPS), score, work).mul_(temperature).clamp_(-cap, cap)
 
 
 class _RelaxedMaskedWeight(torch.autograd.Function):
@@ -98,8 +97,9 @@ class _RelaxedMaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, score: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        logit_s = _logit_scores(score.detach())
-        z = _relaxed_logits(torch.rand_like(score), logit_s, temperature)  # one uniform per weight
+        s = score.detach()
+        # one uniform per weight: Logistic(0, 1) noise
+        z = _relaxed_logits(torch.rand_like(score), s, temperature, torch.empty_like(s))
         ctx.save_for_backward(weight, score, z)
         ctx.temperature = temperature
         return _mask_(z).mul_(weight).to(weight.dtype)
@@ -111,7 +111,8 @@ class _RelaxedMaskedWeight(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_w = _mask_(z).mul_(grad).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            grad_s = _dmask_dlogit(z).mul_(_dlogit_dscore(score.detach())).mul_(ctx.temperature)
+            s = score.detach()
+            grad_s = _dmask_dlogit(z).mul_(_dlogit_dscore(s, torch.empty_like(s))).mul_(ctx.temperature)
             grad_s = grad_s.mul_(grad).mul_(weight).to(score.dtype)
         return grad_w, grad_s, None
 
@@ -119,23 +120,23 @@ class _RelaxedMaskedWeight(torch.autograd.Function):
 class _RelaxedMaskedWeights(torch.autograd.Function):
     """Every layer's ``weight * relaxed_mask(score)`` at once, from the flat score buffer.
 
-    The same maths as :class:`_RelaxedMaskedWeight`, but the noise, the logits, the masks and
-    the score gradient are computed in a few passes over the flat buffer instead of a dozen
-    small operations per layer, and the score gradient is written straight into one flat
-    tensor (per-layer score views would make autograd allocate and concatenate one). Saved for
+    The same maths as :class:`_RelaxedMaskedWeight`, but the noise, the logits and the score
+    gradient are computed in a few passes over the flat buffer instead of a dozen small
+    operations per layer, the score gradient is written straight into one flat tensor
+    (per-layer score views would make autograd allocate and concatenate one), and the score-only
+    factors go through a kept scratch buffer instead of fresh full-size temporaries. Saved for
     backward: the flat logits z (one float per weight), as the per-layer form saves its z.
     """
 
     @staticmethod
-    def forward(ctx, scores: Tensor, temperature: float, *weights: Tensor):  # type: ignore[override]
-        logit_s = _logit_scores(scores.detach())
-        z = _relaxed_logits(torch.rand_like(scores), logit_s, temperature)  # one uniform per weight
-        del logit_s
+    def forward(ctx, scores: Tensor, temperature: float, work: Tensor, *weights: Tensor):  # type: ignore[override]
+        s = scores.detach()
+        z = _relaxed_logits(torch.rand_like(scores), s, temperature, work)  # one uniform per weight
         sizes = [w.numel() for w in weights]
-        # per layer, so that the only new tensors are the outputs (fewer page faults on the CPU)
+        # per layer, so that the only new tensors are the outputs
         outs = tuple(_mask_(zl.view(w.shape)).mul_(w).to(w.dtype) for zl, w in zip(z.split(sizes), weights))
         ctx.save_for_backward(scores, z, *weights)
-        ctx.temperature, ctx.sizes = temperature, sizes
+        ctx.temperature, ctx.sizes, ctx.work = temperature, sizes, work
         return outs
 
     @staticmethod
@@ -145,23 +146,29 @@ class _RelaxedMaskedWeights(torch.autograd.Function):
         grad_s = None
         grad_ws: list[Tensor | None] = [None] * len(weights)
         for i, (zl, w, g) in enumerate(zip(z.split(sizes), weights, grads)):
-            if ctx.needs_input_grad[2 + i]:
+            if ctx.needs_input_grad[3 + i]:
                 grad_ws[i] = _mask_(zl.view(w.shape)).mul_(g).to(w.dtype)
         if ctx.needs_input_grad[0]:
-            grad_s = _dmask_dlogit(z).mul_(_dlogit_dscore(scores.detach())).mul_(ctx.temperature)
+            inv_den = _dlogit_dscore(scores.detach(), ctx.work)
+            grad_s = _dmask_dlogit(z).mul_(inv_den).mul_(ctx.temperature)
             for d, w, g in zip(grad_s.split(sizes), weights, grads):
                 d.view(w.shape).mul_(g).mul_(w)
             grad_s = grad_s.to(scores.dtype)
-        return (grad_s, None, *grad_ws)
+        return (grad_s, None, None, *grad_ws)
 
 
-def relaxed_masked_weights(scores: Tensor, weights: list[Tensor], temperature: float) -> tuple[Tensor, ...]:
+def relaxed_masked_weights(
+    scores: Tensor, weights: list[Tensor], temperature: float, work: Tensor | None = None
+) -> tuple[Tensor, ...]:
     """``weights[l] * m_l`` for every layer, with fresh relaxed masks of the flat ``scores``.
 
     ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``;
     the noise is one flat draw in that order (the same numbers as one draw per layer in turn).
+    ``work`` is an optional kept scratch tensor shaped like ``scores``, used only during the
+    forward and the backward call (never across them).
     """
-    return _RelaxedMaskedWeights.apply(scores, float(temperature), *weights)
+    work = torch.empty_like(scores.detach()) if work is None else work.detach()
+    return _RelaxedMaskedWeights.apply(scores, float(temperature), work, *weights)
 
 
 class _RelaxedMask(torch.autograd.Function):
@@ -172,7 +179,8 @@ class _RelaxedMask(torch.autograd.Function):
         u = noise.detach()
         logit_u = torch.add(u, EPS).div_(torch.sub(1.0, u).add_(EPS)).log_()  # any u in [0, 1]
         cap = _limits(logit_u.dtype)[0]
-        z = logit_u.add_(_logit_scores(score.detach())).mul_(temperature).clamp_(-cap, cap)
+        s = score.detach()
+        z = _add_logit_scores_(logit_u, s, torch.empty_like(s)).mul_(temperature).clamp_(-cap, cap)
         ctx.save_for_backward(score, z)
         ctx.temperature = temperature
         return _mask_(z)
@@ -180,7 +188,8 @@ class _RelaxedMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         score, z = ctx.saved_tensors
-        dz = _dmask_dlogit(z).mul_(_dlogit_dscore(score.detach())).mul_(ctx.temperature)
+        s = score.detach()
+        dz = _dmask_dlogit(z).mul_(_dlogit_dscore(s, torch.empty_like(s))).mul_(ctx.temperature)
         return dz.mul_(grad), None, None
 
 

@@ -25,7 +25,7 @@ from probmask.masks import (
     relaxed_masked_weight,
     relaxed_masked_weights,
 )
-from probmask.projection import project_, work_buffer
+from probmask.projection import project_
 from probmask.report import LayerReport, Report
 from probmask.schedules import CubicBudget, TemperatureSchedule
 from probmask.selection import DEFAULT_MODULE_TYPES, Target, select_targets
@@ -126,7 +126,7 @@ class ProbMask:
 
         device = params[0].device
         self.scores = torch.full((self.total,), float(score_init), device=device, requires_grad=True)
-        self._buffer: Tensor | None = None  # projection workspace, allocated on first use
+        self._buffer: Tensor | None = None  # scratch for masks and projection, see _workspace
         self._threshold = 0.0  # last projection's shift: warm start for the next
         self._floor_binding = torch.zeros(len(self.sizes), dtype=torch.bool)
         self._fixed: Tensor | None = None
@@ -219,8 +219,15 @@ class ProbMask:
         self._views = self._score_views()
         if self.mode is MaskMode.RELAXED:  # sample every layer's mask now, in a few flat passes
             weights = [self._original(i) for i in range(len(self.sizes))]
-            outs = relaxed_masked_weights(self.scores, weights, self.temperature)
+            outs = relaxed_masked_weights(self.scores, weights, self.temperature, self._workspace())
             self._cache.update(enumerate(outs))
+
+    def _workspace(self) -> Tensor:
+        """One kept scratch tensor shaped like the scores, for the masks' and the projection's
+        full-size temporaries (they never run at the same time)."""
+        if self._buffer is None or self._buffer.device != self.scores.device:
+            self._buffer = torch.empty_like(self.scores, requires_grad=False)
+        return self._buffer
 
     def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         self._cache.clear()  # the autograd graph keeps what backward needs
@@ -286,12 +293,10 @@ class ProbMask:
                 raise ValueError(
                     f"NaN or inf in the weights {bad[:4]}: lower the learning rate or clip gradients"
                 )
-        if self._buffer is None or self._buffer.device != self.scores.device:
-            self._buffer = work_buffer(self.scores)
         floors = self.floors if any(self.floors) else None
         result = project_(
             self.scores, self.budget, sizes=self.sizes, floors=floors,
-            start=self._threshold, buffer=self._buffer,
+            start=self._threshold, buffer=self._workspace(),
         )
         self._threshold = result.threshold
         self._floor_binding = result.floor_binding
