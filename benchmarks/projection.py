@@ -21,7 +21,7 @@ layers, ending in one host sync). The authors' way, a bisection of at most 20 su
 host sync per step and a stopping tolerance, is timed too. For both, the constraint violation
 |sum(s) - k| / k is computed in float64 after projecting.
 
-Usage: python benchmarks/projection.py [--quick] [--device cpu|cuda] [--reps N]
+Usage: python benchmarks/projection.py [--quick] [--device cpu|cuda] [--reps N] [--threads N]
 """
 
 from __future__ import annotations

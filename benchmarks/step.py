@@ -23,7 +23,7 @@ live tensors; we report its maximum during the third step (warm: gradients and o
 exist) and, separately, its value when that step begins (persistent state).
 
 Usage: python benchmarks/step.py [--quick] [--device cpu|cuda] [--models lenet,resnet32]
-       [--width 32] [--reps N]
+       [--width 32] [--reps N] [--threads N]
 """
 
 from __future__ import annotations
@@ -222,7 +222,10 @@ def main() -> None:
     parser.add_argument("--models", default="lenet,resnet32")
     parser.add_argument("--width", type=int, default=32, help="ResNet-32 first-stage width (paper: 32)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per step kind")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"

@@ -163,7 +163,8 @@ def relaxed_masked_weights(
     """``weights[l] * m_l`` for every layer, with fresh relaxed masks of the flat ``scores``.
 
     ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``;
-    the noise is one flat draw in that order (the same numbers as one draw per layer in turn).
+    the noise is one flat draw in that order (on the CPU, the same numbers as one draw per layer
+    in turn).
     ``work`` is an optional kept scratch tensor shaped like ``scores``, used only during the
     forward and the backward call (never across them).
     """

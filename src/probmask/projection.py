@@ -162,7 +162,7 @@ class _Plan:
         self.host = _on_host(scores.device)
         self.nlayers = len(sizes)
         chunk = _CPU_CHUNK if self.host else max(sizes)
-        need = min(chunk, max(sizes)) if self.host else scores.numel()
+        need = min(chunk, scores.numel()) if self.host else scores.numel()
         ok = (
             buffer is not None
             and buffer.device == scores.device
@@ -186,6 +186,20 @@ class _Plan:
             offset += size
         self.all = self.subset(list(range(self.nlayers)))
         self.iterations = 0  # evaluations done so far
+        # On the CPU, passes with one threshold for all layers go through packed chunks: runs of
+        # whole small layers (or pieces of a large one) of up to ``chunk`` elements, one
+        # subtract/clamp/ceil per pack and a sum per layer piece. Fewer operations for models
+        # made of many small layers.
+        self.packs: list[tuple[Tensor, Tensor, list[tuple[int, int, int]]]] = []
+        if self.host:
+            start, length, pieces = 0, 0, []
+            for src, layer in zip(self.src, self.layer):
+                if length and length + src.numel() > chunk:
+                    self.packs.append((scores[start : start + length], work[:length], pieces))
+                    start, length, pieces = start + length, 0, []
+                pieces.append((layer, length, length + src.numel()))
+                length += src.numel()
+            self.packs.append((scores[start : start + length], work[:length], pieces))
 
     def subset(self, layers: list[int]) -> tuple[list[int], list[int]]:
         """The chunks of ``layers`` (ascending) and each chunk's position in ``layers``."""
@@ -212,12 +226,41 @@ class _Plan:
             out.append(work.ceil_().sum())  # 1 where s > c, else 0: faster than count_nonzero on CPU
         return torch.stack(out).view(len(chunks), -1)
 
+    def sums_all(self, c: float, check: bool) -> tuple[list[float], list[float], float]:
+        """CPU: per-layer sum clamp(s - c, 0, 1) and #{s > c} at one threshold, and (with
+        ``check``) the raw sum of the scores (clamping hides +-inf; NaN shows there too)."""
+        out = []
+        for src, work, pieces in self.packs:
+            if check:
+                out.append(src.sum())
+            torch.sub(src, c, out=work).clamp_(0.0, 1.0)
+            out.extend(work.sum() if len(pieces) == 1 else work[a:b].sum() for _, a, b in pieces)
+            work.ceil_()  # 1 where s > c, else 0: summing it is faster than count_nonzero on CPU
+            out.extend(work.sum() if len(pieces) == 1 else work[a:b].sum() for _, a, b in pieces)
+        values = torch.stack(out).tolist()
+        f, n = [0.0] * self.nlayers, [0.0] * self.nlayers
+        raw, pos = 0.0, 0
+        for _, _, pieces in self.packs:
+            if check:
+                raw += values[pos]
+                pos += 1
+            m = len(pieces)
+            for j, (layer, _, _) in enumerate(pieces):
+                f[layer] += values[pos + j]
+                n[layer] += values[pos + m + j]
+            pos += 2 * m
+        return f, n, raw
+
     def layer_min(self, subset: tuple[list[int], list[int]]) -> Tensor:
         """The smallest score of each chunk of ``subset`` (no sync)."""
         return torch.stack([self.src[k].amin() for k in subset[0]])
 
     def apply(self, thresholds: list[float]) -> None:
         """In place: s <- clamp(s - c_l, 0, 1) with each layer's threshold."""
+        if self.host and all(t == thresholds[0] for t in thresholds):
+            for src, _, _ in self.packs:
+                src.sub_(thresholds[0]).clamp_(0.0, 1.0)
+            return
         for src, i in zip(self.src, self.layer):
             src.sub_(thresholds[i]).clamp_(0.0, 1.0)
 
@@ -374,14 +417,9 @@ def _solve_host(
     c = _f32(max(start, 0.0))
     iters = 0
     while True:
-        rows = plan.sums([c], plan.all, check=iters == 0).tolist()
+        f_l, n_l, checked = plan.sums_all(c, check=iters == 0)
         if iters == 0:
-            raw = math.fsum(r[0] for r in rows)
-            rows = [r[1:] for r in rows]
-        f_l, n_l = [0.0] * nl, [0.0] * nl
-        for (f, n), i in zip(rows, plan.layer):
-            f_l[i] += f
-            n_l[i] += n
+            raw = checked
         if fl is None:
             g, slope = sum(f_l), sum(n_l)
         else:
