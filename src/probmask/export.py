@@ -45,7 +45,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from probmask.atomic_io import atomic_write
 
 __all__ = [
     "FORMATS",
@@ -147,24 +148,6 @@ def _complete_meta(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Write through a temporary file in the same folder, then rename: no half-written files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _plain(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Detached, contiguous CPU tensors that share no storage (safetensors refuses shared ones)."""
     out: dict[str, Tensor] = {}
@@ -201,7 +184,7 @@ def save_pt(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
         "masks": _plain(ckpt.masks),
         "meta": _complete_meta(ckpt),
     }
-    return _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def save_safetensors(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
@@ -224,7 +207,7 @@ def save_safetensors(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
         for k, t in ckpt.state_dict.items()
     ]
     header = {_META_KEY: json.dumps(meta), _KIND_KEY: "dense"}
-    return _atomic_write(path, lambda tmp: save_file(_plain(tensors), tmp, metadata=header))
+    return atomic_write(path, lambda tmp: save_file(_plain(tensors), tmp, metadata=header))
 
 
 def _rows_cols(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
@@ -320,7 +303,7 @@ def save_sparse(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     meta = _complete_meta(ckpt)
     meta["keys"] = keys
     header = {_META_KEY: json.dumps(meta), _KIND_KEY: "sparse"}
-    return _atomic_write(path, lambda tmp: save_file(_plain(tensors), tmp, metadata=header))
+    return atomic_write(path, lambda tmp: save_file(_plain(tensors), tmp, metadata=header))
 
 
 def save(ckpt: Checkpoint, path: str | os.PathLike, format: str) -> Path:
@@ -593,7 +576,7 @@ def export_onnx(
     if meta is not None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = _META_KEY, json.dumps(meta)
-    _atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
+    atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
     if not check:
         return None
     return check_onnx(model, path, input_shape, atol=atol)

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -45,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from probmask import export
+from probmask.atomic_io import atomic_write_file
 from probmask.config import (
     ExperimentConfig,
     config_diff,
@@ -118,25 +117,8 @@ def model_options(cfg: ExperimentConfig) -> dict[str, Any]:
     return options
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), mode="w")
+    atomic_write_file(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), mode="w")
 
 
 def save_model(path: str | Path, model: nn.Module, masks: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -355,7 +337,7 @@ class Experiment:
             "rng": _rng_state(self.device),
             "history": self.history,
         }
-        _atomic_write(self.run_dir / CHECKPOINT, lambda f: torch.save(state, f))
+        atomic_write_file(self.run_dir / CHECKPOINT, lambda f: torch.save(state, f))
 
     def _load_checkpoint(self) -> dict[str, Any]:
         path = self.run_dir / CHECKPOINT
@@ -390,7 +372,7 @@ class Experiment:
 
     def _rewrite_metrics(self) -> None:
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
-        _atomic_write(self.run_dir / METRICS, lambda f: f.write(lines), mode="w")
+        atomic_write_file(self.run_dir / METRICS, lambda f: f.write(lines), mode="w")
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -529,7 +511,7 @@ class Experiment:
         if resume and (self.run_dir / CHECKPOINT).exists():
             state = self._load_checkpoint()
             log.info("resuming %s: %s phase after %d epoch(s)", self.run_dir, state["phase"], state["epoch"])
-        _atomic_write(self.run_dir / CONFIG, lambda f: f.write(config_to_yaml(self.cfg)), mode="w")
+        atomic_write_file(self.run_dir / CONFIG, lambda f: f.write(config_to_yaml(self.cfg)), mode="w")
         self._rewrite_metrics()
         phase, start = ("main", 0) if state is None else (state["phase"], int(state["epoch"]))
         if state is not None:
