@@ -82,6 +82,7 @@ class PruneConfig:
     budget_start: float = 0.16  # the budget starts shrinking at this fraction of the epochs
     budget_end: float = 0.6  # ... and reaches 1 - sparsity here
     final_temperature: float = 0.03  # temperature at the end (inverse temperature 1/0.03 ~ 33)
+    mask_interval: int = 10  # gmp / gmp_uniform: optimizer steps between magnitude mask updates
     include: list[str] = field(default_factory=list)  # extra parameter-name patterns to prune
     exclude: list[str] = field(default_factory=list)  # parameter-name patterns kept dense
 
@@ -236,6 +237,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0.0 <= p.budget_start <= p.budget_end <= 1.0,
            f"need 0 <= prune.budget_start <= prune.budget_end <= 1 (fractions of train.epochs), "
            f"got {p.budget_start} and {p.budget_end}")
+    _check(p.mask_interval >= 1, f"prune.mask_interval must be at least 1 (steps), got {p.mask_interval}")
     _check(0.0 < p.final_temperature <= 1.0,
            f"prune.final_temperature must lie in (0, 1], got {p.final_temperature}")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")

@@ -197,3 +197,7 @@ class ProbMaskMethod(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pm.load_state_dict(state)
+
+
+# the baselines register themselves with register_method; imported last, once Method exists
+from probmask import baselines as _baselines  # noqa: E402,F401

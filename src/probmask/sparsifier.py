@@ -30,7 +30,7 @@ from probmask.report import LayerReport, Report
 from probmask.schedules import CubicBudget, TemperatureSchedule
 from probmask.selection import DEFAULT_MODULE_TYPES, Target, select_targets
 
-__all__ = ["FloorSpec", "ProbMask", "accumulate_samples"]
+__all__ = ["FloorSpec", "ProbMask", "accumulate_samples", "resolve_floors"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,38 @@ def accumulate_samples(loss_fn: Callable[[], Tensor], num_samples: int) -> Tenso
         total = loss.detach() if total is None else total + loss.detach()  # stays on device
     assert total is not None
     return total
+
+
+
+def resolve_floors(floor: FloorSpec, rows: Sequence[int], sizes: Sequence[int], target_kept: int,
+                   sparsity: float) -> list[int]:
+    """Per-layer minimum kept counts for a ``floor`` setting (see :class:`ProbMask`); ``rows`` are
+    the layers' output units, ``sizes`` their weight counts. Shared with the baseline methods."""
+    if floor is None or floor == 0:
+        floors = [0] * len(sizes)
+    elif floor == "auto":
+        scale = min(1.0, 0.5 * target_kept / sum(rows))
+        floors = [max(1, int(r * scale)) for r in rows]
+    elif floor == "unit":
+        floors = list(rows)
+    elif isinstance(floor, bool):
+        raise ValueError("floor must be 'auto', 'unit', an int, a float in (0, 1) or None")
+    elif isinstance(floor, int) and floor > 0:
+        floors = [floor] * len(sizes)
+    elif isinstance(floor, float) and 0.0 < floor < 1.0:
+        floors = [max(1, math.ceil(floor * n)) for n in sizes]
+    else:
+        raise ValueError(
+            f"floor must be 'auto', 'unit', a positive int, a float in (0, 1) or None; got {floor!r}"
+        )
+    floors = [min(f, n) for f, n in zip(floors, sizes)]
+    if sum(floors) > target_kept:
+        raise ValueError(
+            f"the per-layer floors keep {sum(floors)} weights but the budget at sparsity "
+            f"{sparsity} is {target_kept}: set the floor to 'auto', a smaller value or None "
+            "(ProbMask(floor=...); prune.floor in a run config)"
+        )
+    return floors
 
 
 class ProbMask:
@@ -159,30 +191,7 @@ class ProbMask:
     # ------------------------------------------------------------------ set-up helpers
     def _resolve_floors(self, floor: FloorSpec, params: Sequence[Tensor]) -> list[int]:
         rows = [p.shape[0] if p.dim() > 0 else 1 for p in params]
-        if floor is None or floor == 0:
-            floors = [0] * len(params)
-        elif floor == "auto":
-            scale = min(1.0, 0.5 * self.target_kept / sum(rows))
-            floors = [max(1, int(r * scale)) for r in rows]
-        elif floor == "unit":
-            floors = list(rows)
-        elif isinstance(floor, bool):
-            raise ValueError("floor must be 'auto', 'unit', an int, a float in (0, 1) or None")
-        elif isinstance(floor, int) and floor > 0:
-            floors = [floor] * len(params)
-        elif isinstance(floor, float) and 0.0 < floor < 1.0:
-            floors = [max(1, math.ceil(floor * p.numel())) for p in params]
-        else:
-            raise ValueError(
-                f"floor must be 'auto', 'unit', a positive int, a float in (0, 1) or None; got {floor!r}"
-            )
-        floors = [min(f, n) for f, n in zip(floors, self.sizes)]
-        if sum(floors) > self.target_kept:
-            raise ValueError(
-                f"the per-layer floors keep {sum(floors)} weights but the budget at sparsity "
-                f"{self.sparsity} is {self.target_kept}: use floor='auto', a smaller floor, or None"
-            )
-        return floors
+        return resolve_floors(floor, rows, self.sizes, self.target_kept, self.sparsity)
 
     def _original(self, index: int) -> nn.Parameter:
         module, target = self._modules[index], self.targets[index]
