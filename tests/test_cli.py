@@ -126,6 +126,21 @@ def test_python_dash_m_and_the_console_script(tmp_path):
         assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def test_readme_recipe_for_your_own_model(tmp_path):
+    """The README's my_run.py, verbatim: a registered model trains through the command line."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    script = next(b for b in blocks if b.startswith("# my_run.py"))
+    (tmp_path / "my_run.py").write_text(script)
+    argv = ["run", "--quiet", "--out", "out", "model.name=my_mlp", "model.options.hidden=16", "threads=1",
+            "data.train_size=256", "data.test_size=100", "train.epochs=2", "finetune.epochs=1", "prune.sparsity=0.9"]
+    proc = subprocess.run([sys.executable, "my_run.py", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [layer["name"] for layer in results["layers"]] == ["1.weight", "3.weight"]
+    assert results["kept"] == int(0.1 * results["total"] + 1e-6)
+
+
 # ---------------------------------------------------------------------------------- registrars
 def test_subcommands_come_from_registrars(monkeypatch, capsys):
     names = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
