@@ -34,6 +34,8 @@ examples:
   probmask run -c configs/cifar10_resnet32.yaml -o runs/r32
   probmask run --resume runs/r32                      continue an interrupted run
   probmask run --print-config                         every key with its value
+  torchrun --standalone --nproc_per_node=4 -m probmask run -c configs/cifar10_resnet32.yaml
+                                                      4 processes (GPUs), train.batch_size is global
 
 outputs in the run directory: config.yaml, metrics.jsonl, checkpoint.pt, results.json,
 model.pt, layer_density.png, training.png
@@ -151,17 +153,28 @@ def format_summary(result: RunResult) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Under ``torchrun --nproc_per_node=N`` every process runs this: rank 0 resolves the config
+    and the run directory for all, logs, writes the files and prints the summary."""
     from probmask.config import config_to_yaml
+    from probmask.distributed import DistContext
     from probmask.runner import run_experiment
 
-    cfg, run_dir, resume = _resolve_run(args)
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
+    dist = DistContext.from_env()
+    try:
+        if not dist.is_main:  # warnings and errors only
+            logging.getLogger("probmask").setLevel(logging.WARNING)
+        cfg, run_dir, resume = dist.on_main(lambda: _resolve_run(args))
+        if args.print_config:
+            if dist.is_main:
+                print(config_to_yaml(cfg), end="")
+            return 0
+        progress = not args.quiet and sys.stderr.isatty()
+        result = run_experiment(cfg, run_dir, resume=resume, progress=progress, dist=dist)
+        if dist.is_main:
+            print(format_summary(result))
         return 0
-    progress = not args.quiet and sys.stderr.isatty()
-    result = run_experiment(cfg, run_dir, resume=resume, progress=progress)
-    print(format_summary(result))
-    return 0
+    finally:
+        dist.close()
 
 
 # ---------------------------------------------------------------------------------- parser
