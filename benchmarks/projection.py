@@ -36,6 +36,7 @@ import torchvision
 from torch import nn
 
 import probmask
+from probmask.models import build_model
 
 LR = 6e-3  # the paper's score learning rate: the size of one Adam step per coordinate
 
@@ -60,9 +61,7 @@ def median_time(fn: Callable[[], object], reps: int, device: torch.device, setup
 
 
 def lenet() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
-    )
+    return build_model("lenet300", 10, (1, 28, 28))
 
 
 def resnet50() -> nn.Module:

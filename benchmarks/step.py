@@ -8,7 +8,7 @@ For each model, three steps on the same random batch:
   (lr 6e-3) and ``pm.project()``.
 
 Models: LeNet-300-100 (batch 128, random 1x28x28 input) and a CIFAR-style ResNet-32 (batch 64,
-random 3x32x32 input; 3 stages of 5 basic blocks, 1x1-conv shortcuts where the shape changes;
+random 3x32x32 input; the runner's `resnet32`: 3 stages of 5 basic blocks, 1x1-conv shortcuts;
 channel widths 32-64-128 as in the paper by default, ``--width 16`` for the classic 16-32-64).
 ProbMask runs at sparsity 0.99 at the middle of its schedules (``set_epoch(50, 100)``: the budget
 binds and every step projects). Time: median over interleaved repetitions (dense, K=1, K=2,
@@ -38,58 +38,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import probmask
+from probmask.models import build_model
 
 SPARSITY = 0.99
-
-
-# ---------------------------------------------------------------------------- models
-def lenet() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
-    )
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNetCifar(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs: n basic blocks in each of 3 stages."""
-
-    def __init__(self, depth: int = 32, width: int = 32, num_classes: int = 10) -> None:
-        super().__init__()
-        n = (depth - 2) // 6
-        widths = [width, 2 * width, 4 * width]
-        self.conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(widths[0])
-        blocks: list[nn.Module] = []
-        cin = widths[0]
-        for stage, cout in enumerate(widths):
-            for i in range(n):
-                blocks.append(BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.blocks(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 # ---------------------------------------------------------------------------- one setup
@@ -99,9 +53,11 @@ class Setup:
     def __init__(self, name: str, width: int, dense: bool, device: torch.device, seed: int = 0) -> None:
         torch.manual_seed(seed)
         if name == "lenet":
-            self.model, shape, batch = lenet(), (1, 28, 28), 128
+            shape, batch = (1, 28, 28), 128
+            self.model = build_model("lenet300", 10, shape)
         else:
-            self.model, shape, batch = ResNetCifar(32, width), (3, 32, 32), 64
+            shape, batch = (3, 32, 32), 64
+            self.model = build_model("resnet32", 10, shape, width=width)
         self.model.to(device).train()
         self.x = torch.randn(batch, *shape, device=device)
         self.y = torch.randint(0, 10, (batch,), device=device)
