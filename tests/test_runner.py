@@ -260,11 +260,18 @@ def test_fix_by_best_of_n_samples(tmp_path, caplog):
     assert 0 < result.results["kept"] <= result.results["target_kept"]
 
 
-def test_cpu_run_with_bf16_and_tensorboard_options_warns_and_completes(tmp_path, caplog):
-    cfg = load_config(None, [*TINY, "bf16=true", "tensorboard=true", "train.epochs=1", "finetune.epochs=0"])
+def test_cpu_run_with_bf16_autocast_and_tensorboard_completes(tmp_path, caplog):
+    cfg = load_config(None, [*TINY, "bf16=true", "tensorboard=true", "train.epochs=1", "finetune.epochs=1"])
+    exp = Experiment(cfg, tmp_path / "run")
+    seen = set()
+    exp.model.register_forward_hook(lambda module, args, out: seen.add((module.training, out.dtype)))
+    scores = exp.method.score_parameters()[0]
     with caplog.at_level(logging.WARNING, logger="probmask"):
-        result = run_experiment(cfg, tmp_path / "run")
-    assert "bf16=true is for CUDA; running in float32 on cpu" in caplog.text
+        result = exp.run()
+    assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}  # training and evaluation in bf16
+    assert scores.dtype == torch.float32  # the scores (and their projection) stay in float32
+    assert all(p.dtype == torch.float32 for p in exp.model.parameters())
+    assert "bf16" not in caplog.text
     try:
         import tensorboard  # noqa: F401
     except ImportError:

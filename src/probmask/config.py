@@ -105,7 +105,7 @@ class ExperimentConfig:
     # choice for small models: on a busy 2-core machine a LeNet-300-100 step measured 14x slower
     # with two threads than with one; on an idle one two were 25% faster.
     threads: int | None = 1
-    bf16: bool = False  # bfloat16 autocast on CUDA
+    bf16: bool = False  # bfloat16 autocast of the forward pass (CUDA or CPU); params, scores stay float32
     tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

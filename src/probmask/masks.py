@@ -157,6 +157,9 @@ class _RelaxedMaskedWeights(torch.autograd.Function):
         return (grad_s, None, None, *grad_ws)
 
 
+# torch.compile runs these two eagerly (a graph break): dynamo cannot trace the fused Function's
+# in-place scratch use, and the noise must come from PyTorch's eager generator either way.
+@torch.compiler.disable
 def relaxed_masked_weights(
     scores: Tensor, weights: list[Tensor], temperature: float, work: Tensor | None = None
 ) -> tuple[Tensor, ...]:
@@ -194,6 +197,7 @@ class _RelaxedMask(torch.autograd.Function):
         return dz.mul_(grad), None, None
 
 
+@torch.compiler.disable
 def relaxed_masked_weight(weight: Tensor, score: Tensor, temperature: float) -> Tensor:
     """``weight * m`` with ``m`` a fresh relaxed mask sample of keep-probabilities ``score``."""
     return _RelaxedMaskedWeight.apply(weight, score, float(temperature))

@@ -1,0 +1,102 @@
+"""bf16 autocast and torch.compile of a ProbMask-wrapped model on the CPU."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from probmask import ProbMask
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def _compiler_missing() -> str | None:
+    """Why torch.compile (Inductor, which builds C++ on the CPU) cannot run here, or None."""
+    if not any(shutil.which(cc) for cc in ("gcc", "cc", "clang", "g++", "c++")):
+        return "no C/C++ compiler on PATH (Inductor compiles C++ kernels for the CPU)"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bf16_autocast_keeps_scores_and_projection_in_float32():
+    model = _model()
+    pm = ProbMask(model, 0.7)
+    pm.set_epoch(5, 10)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = nn.functional.cross_entropy(out.float(), y)
+    assert out.dtype == torch.bfloat16  # the layers ran in bf16
+    loss.backward()
+    assert pm.scores.dtype == pm.scores.grad.dtype == torch.float32
+    assert bool(pm.scores.grad.abs().sum() > 0)
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        pm.scores.sub_(1e-3 * pm.scores.grad)
+    pm.project()
+    assert pm.scores.dtype == torch.float32
+    assert float(pm.scores.detach().sum()) <= pm.budget * (1 + 1e-6)
+    pm.fix_mask("topk")
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fixed = model(x)
+    with torch.no_grad():
+        reference = model(x)
+    assert fixed.dtype == torch.bfloat16
+    torch.testing.assert_close(fixed.float(), reference, atol=0.1, rtol=0.05)  # bf16 rounding only
+
+
+def test_compiled_model_matches_eager_with_a_fixed_mask():
+    reason = _compiler_missing()
+    if reason:
+        pytest.skip(f"torch.compile cannot run here: {reason}")
+    model = _model()
+    pm = ProbMask(model, 0.7)
+    pm.fix_mask("topk")
+    model.eval()
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+    masks = pm.masks()
+    assert not torch.any(model[0].weight[~masks["0.weight"]])  # the mask is applied in the compiled run too
+
+
+def test_compiled_relaxed_training_step_matches_eager():
+    """In training the relaxed sampling runs eagerly inside the compiled model (a graph break):
+    the same noise gives the same outputs and gradients."""
+    reason = _compiler_missing()
+    if reason:
+        pytest.skip(f"torch.compile cannot run here: {reason}")
+    model = _model()
+    pm = ProbMask(model, 0.7)
+    pm.set_epoch(3, 10)
+    compiled = torch.compile(model)
+    x = torch.randn(5, 1, 8, 8)
+    grads = []
+    outs = []
+    for net in (compiled, model):
+        torch.manual_seed(1)
+        out = net(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([pm.scores.grad.clone(), *(p.grad.clone() for p in model.parameters())])
+        pm.scores.grad = None
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
