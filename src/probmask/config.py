@@ -106,6 +106,7 @@ class ExperimentConfig:
     # with two threads than with one; on an idle one two were 25% faster.
     threads: int | None = 1
     bf16: bool = False  # bfloat16 autocast of the forward pass (CUDA or CPU); params, scores stay float32
+    compile: bool = False  # torch.compile the training forward pass (needs a C++ compiler on the CPU)
     tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -240,6 +240,7 @@ class Experiment:
         if self.dist.rank > 0:  # each rank draws its own mask noise
             torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         self._ddp: DistributedDataParallel | None = None
+        self._compiled: nn.Module | None = None  # with cfg.compile: the training forward
 
         self._loader_generator = torch.Generator()
         self._sampler: DistributedSampler | None = None
@@ -289,7 +290,10 @@ class Experiment:
 
     @property
     def _net(self) -> nn.Module:
-        """The module the training forward passes go through (DDP-wrapped with several processes)."""
+        """The module the training forward passes go through (DDP-wrapped with several processes,
+        compiled with ``compile``); evaluation uses the plain model."""
+        if self._compiled is not None:
+            return self._compiled
         return self._ddp if self._ddp is not None else self.model
 
     def _sum(self, *values: Tensor | float) -> list[float]:
@@ -641,7 +645,13 @@ class Experiment:
         return RunResult(self.run_dir, results, report)
 
     def _wrap(self) -> None:
-        """Several processes: the same start everywhere, and DDP around the trainable module."""
+        """Several processes: the same start everywhere, and DDP around the trainable module;
+        ``compile``: torch.compile around that."""
+        self._wrap_ddp()
+        if self.cfg.compile:
+            self._compiled = torch.compile(self._ddp if self._ddp is not None else self.model)
+
+    def _wrap_ddp(self) -> None:
         if not self.dist.enabled:
             return
         self.dist.broadcast_(self.method.score_parameters())
@@ -687,7 +697,7 @@ class Experiment:
             return self._finish()
         finally:
             torch.set_num_threads(threads)
-            self._ddp = None
+            self._ddp = self._compiled = None
             if self._writer is not None:
                 self._writer.close()
 
