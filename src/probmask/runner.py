@@ -6,6 +6,11 @@ gradient norm clipped to ``train.grad_clip``, the method's projection after ever
 schedules moved once per epoch; every epoch ends with a test pass using hard sampled masks.
 Then the mask is fixed, the weights are finetuned under it, and the model is finalized.
 
+Under ``torchrun --nproc_per_node=N -m probmask run ...`` the same runs on N processes with
+``DistributedDataParallel`` (see :class:`Experiment` and :mod:`probmask.distributed`):
+``train.batch_size`` is the global batch, the scores stay identical on every rank after every
+step, and rank 0 alone writes the run directory below.
+
 A run directory holds:
 
 * ``config.yaml`` -- the resolved configuration;
