@@ -17,6 +17,7 @@ import torch
 from probmask.config import load_config
 from probmask.distributed import DistContext
 from probmask.runner import Experiment
+from probmask.sparsifier import accumulate_samples
 from runner_util import TINY
 
 OVERRIDES = [*TINY, "train.epochs=3", "finetune.epochs=1", "prune.fix=sample", "prune.fix_samples=3",
@@ -47,6 +48,7 @@ def main() -> None:
     try:
         cfg = load_config(None, OVERRIDES)
         straight = Experiment(cfg, out / "straight", dist=dist)
+        noise_state = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()  # per rank
         hashes = score_hashes(straight)
         result = straight.run()
         pm = straight.method.pm  # type: ignore[attr-defined]
@@ -61,7 +63,19 @@ def main() -> None:
             pass
         again = Experiment(cfg, out / "resumed", dist=dist)
         resumed = again.run(resume=True)
+        # a method that makes fewer (1) or more (3) forward passes per batch than train.samples=2:
+        # the gradients are averaged after backward, or by DDP in every pass from the second on
+        passes = {}
+        for count in (1, 3):
+            short = load_config(None, [*TINY, "train.epochs=1", "finetune.epochs=0"])
+            exp = Experiment(short, out / f"passes{count}", dist=dist)
+            exp.method.backward = lambda loss_fn, samples, count=count: accumulate_samples(  # type: ignore[method-assign]
+                loss_fn, count)
+            exp.run()
+            passes[count] = exp.method.pm.scores.detach().clone()  # type: ignore[attr-defined]
         torch.save({
+            "noise_state": noise_state,
+            "passes": passes,
             "rank": dist.rank,
             "world_size": dist.world_size,
             "hashes": hashes,

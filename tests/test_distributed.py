@@ -26,7 +26,8 @@ TIMEOUT_S = 300
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 ARGS`` (rendezvous on a free port); killed with
     its workers if it takes longer than TIMEOUT_S."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -67,6 +68,9 @@ def test_two_processes_end_bit_identical(two_ranks):
     timeless = [{k: v for k, v in r["results"].items() if k != "train_time_s"} for r in (r0, r1)]
     assert timeless[0] == timeless[1]  # metrics reduced across ranks: the same numbers
     assert r0["results"]["processes"] == 2
+    assert r0["noise_state"] != r1["noise_state"]  # each rank draws its own mask noise
+    for count in (1, 3):  # fewer or more forward passes than train.samples: still the same scores
+        assert torch.equal(r0["passes"][count], r1["passes"][count])
 
 
 def test_two_processes_resume_equals_the_straight_run(two_ranks):
@@ -85,7 +89,7 @@ def test_two_processes_resume_equals_the_straight_run(two_ranks):
 
 def test_two_processes_write_one_set_of_outputs(two_ranks):
     out, (r0, _) = two_ranks
-    assert {p.name for p in out.iterdir()} == {"straight", "resumed", "rank0.pt", "rank1.pt"}
+    assert {p.name for p in out.iterdir()} == {"straight", "resumed", "passes1", "passes3", "rank0.pt", "rank1.pt"}
     for run in ("straight", "resumed"):
         assert {p.name for p in (out / run).iterdir()} == OUTPUTS  # and no temporary files
         assert len((out / run / "metrics.jsonl").read_text().splitlines()) == 4  # 3 main + 1 finetune, once
