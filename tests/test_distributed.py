@@ -23,7 +23,7 @@ OUTPUTS = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "results.json", "mod
 TIMEOUT_S = 300
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 ARGS`` (rendezvous on a free port); killed with
     its workers if it takes longer than TIMEOUT_S."""
     path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
@@ -37,7 +37,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{err[-4000:]}")
-    assert proc.returncode == 0, err[-4000:]
+    assert proc.returncode == 0 or not check, err[-4000:]
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -108,6 +108,13 @@ def test_torchrun_probmask_run_command(tmp_path):
     assert {p.name for p in (tmp_path / "run").iterdir()} == OUTPUTS
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["processes"] == 2 and results["kept"] <= results["target_kept"]
+
+
+def test_torchrun_reports_a_user_error_once(tmp_path):
+    done = _torchrun(["-m", "probmask", "run", "--out", "run", "prune.sparsity=2"], cwd=tmp_path, check=False)
+    assert done.returncode != 0
+    assert done.stderr.count("probmask: error: prune.sparsity is the fraction of weights removed") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_single_process_context_is_a_no_op():

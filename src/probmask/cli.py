@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"probmask: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # quiet: another process (rank 0) reports it
+            print(f"probmask: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         where = getattr(args, "resume", None) or getattr(args, "out", None)

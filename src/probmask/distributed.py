@@ -11,6 +11,18 @@ scores) are averaged here with :meth:`DistContext.average_gradients`, so that ev
 identical optimizer step and the projection sees identical scores; metrics are summed across
 ranks; decisions (the fixed mask, a resumed checkpoint) are made on rank 0 and broadcast; only
 rank 0 writes files.
+
+Sharded training (FSDP2 ``fully_shard``) is not supported; DDP is the supported path. With
+torch 2.14 on the CPU with gloo, ``fully_shard`` works for a plain model, but not usefully with
+ProbMask: ProbMask samples every layer's mask in one flat pass when the root module's forward
+starts, so with one FSDP unit per layer the weights are still sharded DTensors there and
+the forward fails (mixed ``Tensor`` and ``DTensor``); with a single unit around the whole model
+forward and backward match the unsharded model and the projection runs, but every weight is
+gathered at once (no memory saved on parameters) and finalizing fails on the sharded weights.
+Sharding the scores themselves would take per-layer score shards aligned with FSDP's weight
+shards, mask sampling per unit, the projection's per-layer sums all-reduced in every iteration of
+its threshold search, a distributed top-k to fix the mask and full-state-dict gathering for
+checkpoints and export.
 """
 
 from __future__ import annotations
@@ -162,7 +174,7 @@ class DistContext:
         if error is not None:
             raise error
         if kind == "user":
-            raise UserError(value)
+            raise _RankZeroUserError(value)
         if kind == "fail":
             raise RuntimeError(f"rank 0 failed: {value}")
         return value
@@ -185,6 +197,12 @@ class DistContext:
         seen = self.all_gather_object(sums)
         if any(s != seen[0] for s in seen[1:]):
             raise RuntimeError(f"{what} differ across ranks (checksums {seen}): the ranks diverged")
+
+
+class _RankZeroUserError(UserError):
+    """Rank 0's :class:`UserError` raised on another rank; rank 0 reports it (``quiet``)."""
+
+    quiet = True
 
 
 class ShardSampler(Sampler[int]):
