@@ -70,13 +70,21 @@ def _run_dir(out: Path, method: str, sparsity: float, seed: int) -> Path:
 
 def _one_run(job: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or reuse) one run directory; returns its results.json plus timing."""
-    from probmask.config import load_config
-    from probmask.runner import CHECKPOINT, RESULTS, run_experiment
+    import yaml
+
+    from probmask.config import config_diff, config_from_dict, load_config
+    from probmask.runner import CHECKPOINT, CONFIG, RESULTS, run_experiment
 
     run_dir = Path(job["run_dir"])
-    if (run_dir / RESULTS).is_file():
-        return {"results": json.loads((run_dir / RESULTS).read_text()), "status": "reused", "wall_s": 0.0}
     cfg = load_config(job["config"], job["overrides"])
+    if (run_dir / RESULTS).is_file():
+        saved = config_from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), where=str(run_dir / CONFIG))
+        diff = config_diff(saved, cfg)
+        if diff:
+            shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:3])
+            raise ValueError(f"{run_dir} holds a finished run of another config ({shown}); "
+                             "use another --out or delete that run")
+        return {"results": json.loads((run_dir / RESULTS).read_text()), "status": "reused", "wall_s": 0.0}
     begin = time.perf_counter()
     resume = (run_dir / CHECKPOINT).is_file()
     result = run_experiment(cfg, run_dir, resume=resume)
@@ -161,36 +169,42 @@ def _percent(value: float, _pos: Any = None) -> str:
 
 
 def plot_accuracy(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path, title: str) -> None:
-    """Test accuracy against density (1 - sparsity) on a log axis, mean and spread over seeds."""
+    """Test accuracy against density (1 - sparsity) on a log axis, mean and spread over seeds:
+    every method on the left, the weight-training methods zoomed in on the right."""
     acc: dict[tuple[str, float], list[float]] = defaultdict(list)
     for row in rows:
         acc[row["method"], row["target_sparsity"]].append(row["test_accuracy"])
-    fig = Figure(figsize=(8.5, 5.2), layout="constrained")
-    ax = fig.add_subplot()
-    for m in methods:
-        points = sorted((1 - s, *_stats(v)) for (mm, s), v in acc.items() if mm == m)
-        if not points:
-            continue
-        color, marker, line = STYLE.get(m, ("tab:brown", ".", "-"))
-        x, y, err = zip(*points)
-        if m == "dense":
-            ax.axhline(y[0], color=color, linestyle=line, linewidth=1, label=f"dense ({y[0]:.1f}%)")
-            continue
-        ax.errorbar(x, y, yerr=err, color=color, marker=marker, linestyle=line, capsize=3, label=m)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(_percent))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, p: ""))
     densities = sorted({1 - row["target_sparsity"] for row in rows})
-    ax.set_xticks(densities)
-    ax.set_xlabel("weights kept (density = 1 - sparsity, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    low = min((row["test_accuracy"] for row in rows if row["method"] not in ("random", "edgepopup", "probmask_sm")),
-              default=0.0)
-    ax.set_ylim(max(0.0, low - 3), 100 if low > 50 else None)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right", ncols=2)
-    ax.set_title(title + "\n(error bars: standard deviation over seeds; methods far below the axis are cut off)",
-                 fontsize=10)
+    zoomed = [m for m in methods if m in ("probmask", "gmp", "gmp_uniform", "oneshot", "dense")]
+    fig = Figure(figsize=(12, 5.2), layout="constrained")
+    panels = [(fig.add_subplot(1, 2, 1), methods, "all methods"),
+              (fig.add_subplot(1, 2, 2), zoomed, "weight-training methods, zoomed")]
+    for ax, shown, label in panels:
+        for m in shown:
+            points = sorted((1 - s, *_stats(v)) for (mm, s), v in acc.items() if mm == m)
+            if not points:
+                continue
+            color, marker, line = STYLE.get(m, ("tab:brown", ".", "-"))
+            x, y, err = zip(*points)
+            if m == "dense":
+                ax.axhline(y[0], color=color, linestyle=line, linewidth=1, label=f"dense ({y[0]:.1f}%)")
+                continue
+            ax.errorbar(x, y, yerr=err, color=color, marker=marker, linestyle=line, capsize=3, label=m)
+        ax.set_xscale("log")
+        ax.set_xticks(densities)
+        ax.xaxis.set_major_formatter(FuncFormatter(_percent))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, p: ""))
+        ax.set_xlabel("weights kept (density = 1 - sparsity, log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="lower right", ncols=2)
+        ax.set_title(label, fontsize=10)
+    zoom = [v for (m, _), vals in acc.items() if m in zoomed for v in vals]
+    if zoom:
+        low, high = min(zoom), max(zoom)
+        pad = max(0.5, 0.05 * (high - low))
+        panels[1][0].set_ylim(low - pad, high + pad)
+    fig.suptitle(title + " (error bars: standard deviation over seeds)", fontsize=11)
     _save(fig, path)
 
 
@@ -281,8 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from probmask.config import load_config
+    from probmask.errors import UserError
 
-    cfg = load_config(args.config, [*args.base, *args.set])  # a bad config fails here, before any run
+    try:
+        cfg = load_config(args.config, [*args.base, *args.set])  # a bad config fails here, before any run
+    except UserError as err:
+        print(f"sweep: {err}", file=sys.stderr)
+        return 2
     epochs = f"{cfg.train.epochs}+{cfg.finetune.epochs}"
     jobs = _jobs(args, out)
     print(f"sweep: {len(jobs)} runs ({', '.join(args.methods)} x sparsities {args.sparsities} x seeds {args.seeds}), "
@@ -299,16 +318,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"test {r['test_accuracy']:6.2f}%  kept {r['kept']}/{r['total']}  ({took}, "
               f"{time.perf_counter() - begin:.0f}s elapsed)", flush=True)
 
-    if args.jobs == 1:
-        for i, job in enumerate(jobs):
-            report(i, _one_run(job))
-    else:
-        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=8) as pool:
-            pending = {i: pool.apply_async(_one_run, (job,)) for i, job in enumerate(jobs)}
-            while pending:
-                for i in [i for i, res in pending.items() if res.ready()]:
-                    report(i, pending.pop(i).get())
-                time.sleep(0.2)
+    try:
+        if args.jobs == 1:
+            for i, job in enumerate(jobs):
+                report(i, _one_run(job))
+        else:
+            with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=8) as pool:
+                pending = {i: pool.apply_async(_one_run, (job,)) for i, job in enumerate(jobs)}
+                while pending:
+                    for i in [i for i, res in pending.items() if res.ready()]:
+                        report(i, pending.pop(i).get())
+                    time.sleep(0.2)
+    except (ValueError, UserError) as err:
+        print(f"sweep: {err}", file=sys.stderr)
+        return 2
     rows = _rows(jobs, [o for o in outcomes if o is not None], args.sparsities)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

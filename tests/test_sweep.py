@@ -44,3 +44,8 @@ def test_quick_dry_sweep_runs_end_to_end_and_reuses_finished_runs(tmp_path, caps
     assert sweep.main(["--quick", "--dry", "--jobs", "1", "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert log.count("reused") == len(runs) and "test" in log
+
+    # a finished run of another config is never passed off as this one's
+    assert sweep.main(["--quick", "--dry", "--jobs", "1", "--out", str(out), "--set", "train.lr=0.05"]) == 2
+    assert "holds a finished run of another config" in capsys.readouterr().err
+    assert sweep.main(["--quick", "--dry", "--out", str(out), "--set", "train.nope=1"]) == 2

@@ -6,7 +6,9 @@ every minibatch and :meth:`Method.after_step` after every optimizer step; after 
 it calls :meth:`Method.fix`, finetunes the weights under the fixed mask, and
 :meth:`Method.finalize` returns the plain model with the masks. A new method (a dense baseline,
 gradual magnitude pruning, ...) subclasses :class:`Method` and registers itself with
-:func:`register_method`; ``prune.method`` in the config then names it.
+:func:`register_method`; ``prune.method`` in the config then names it. The baselines
+(``dense``, ``gmp``, ``gmp_uniform``, ``oneshot``, ``random``, ``edgepopup``) live in
+:mod:`probmask.baselines`, imported at the end of this module so that the registry always has them.
 """
 
 from __future__ import annotations
