@@ -73,7 +73,14 @@ def main() -> None:
                 loss_fn, count)
             exp.run()
             passes[count] = exp.method.pm.scores.detach().clone()  # type: ignore[attr-defined]
+        # batch norm: running statistics follow each rank's batches; rank 0's are broadcast
+        bn_cfg = load_config(None, ["model.name=resnet32", "model.width=2", "data.train_size=128",
+                                    "data.test_size=32", "train.batch_size=32", "train.epochs=1",
+                                    "finetune.epochs=1", "prune.sparsity=0.9"])
+        bn = Experiment(bn_cfg, out / "batchnorm", dist=dist)
+        bn.run()
         torch.save({
+            "bn_model": bn.model.state_dict(),
             "noise_state": noise_state,
             "passes": passes,
             "rank": dist.rank,

@@ -71,6 +71,8 @@ def test_two_processes_end_bit_identical(two_ranks):
     assert r0["noise_state"] != r1["noise_state"]  # each rank draws its own mask noise
     for count in (1, 3):  # fewer or more forward passes than train.samples: still the same scores
         assert torch.equal(r0["passes"][count], r1["passes"][count])
+    assert any("running_mean" in k for k in r0["bn_model"])
+    assert _same_state(r0["bn_model"], r1["bn_model"])  # batch-norm buffers included
 
 
 def test_two_processes_resume_equals_the_straight_run(two_ranks):
@@ -89,7 +91,8 @@ def test_two_processes_resume_equals_the_straight_run(two_ranks):
 
 def test_two_processes_write_one_set_of_outputs(two_ranks):
     out, (r0, _) = two_ranks
-    assert {p.name for p in out.iterdir()} == {"straight", "resumed", "passes1", "passes3", "rank0.pt", "rank1.pt"}
+    assert {p.name for p in out.iterdir()} == {"straight", "resumed", "passes1", "passes3", "batchnorm",
+                                               "rank0.pt", "rank1.pt"}
     for run in ("straight", "resumed"):
         assert {p.name for p in (out / run).iterdir()} == OUTPUTS  # and no temporary files
         assert len((out / run / "metrics.jsonl").read_text().splitlines()) == 4  # 3 main + 1 finetune, once
