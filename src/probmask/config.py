@@ -59,8 +59,8 @@ class DataConfig:
 class TrainConfig:
     """The main phase: weights and scores trained together."""
 
-    epochs: int = 60
-    batch_size: int = 128
+    epochs: int = 30
+    batch_size: int = 32  # small batches: more score steps per epoch (see configs/mnist5k_lenet300.yaml)
     lr: float = 0.1  # weights: SGD with momentum, cosine decay
     momentum: float = 0.9
     weight_decay: float = 5e-4
