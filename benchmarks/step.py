@@ -7,6 +7,8 @@ For each model, three steps on the same random batch:
   each loss divided by K), the same SGD step for the weights, an Adam step for the scores
   (lr 6e-3) and ``pm.project()``.
 
+Both optimizers are PyTorch's fused ones (``fused=True``), as in the runner.
+
 Models: LeNet-300-100 (batch 128, random 1x28x28 input) and a CIFAR-style ResNet-32 (batch 64,
 random 3x32x32 input; the runner's `resnet32`: 3 stages of 5 basic blocks, 1x1-conv shortcuts;
 channel widths 32-64-128 as in the paper by default, ``--width 16`` for the classic 16-32-64).
@@ -63,11 +65,12 @@ class Setup:
         self.y = torch.randint(0, 10, (batch,), device=device)
         self.pm = None if dense else probmask.ProbMask(self.model, SPARSITY)
         params = self.model.parameters() if self.pm is None else self.pm.weight_parameters()
-        self.opt_w = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        # fused steps (one kernel over all tensors), for dense and ProbMask alike, as the runner uses
+        self.opt_w = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
         self.opt_s = None
         if self.pm is not None:
             self.pm.set_epoch(50, 100)
-            self.opt_s = torch.optim.Adam(self.pm.score_parameters(), lr=6e-3)
+            self.opt_s = torch.optim.Adam(self.pm.score_parameters(), lr=6e-3, fused=True)
 
     def loss(self) -> torch.Tensor:
         return F.cross_entropy(self.model(self.x), self.y)

