@@ -22,6 +22,7 @@ Usage::
     python benchmarks/sweep.py --quick --dry         # seconds: tiny model and data (the test suite)
     python benchmarks/sweep.py --methods probmask gmp --sparsities 0.99 0.995 --seeds 0 1 2 \\
         --set train.score_lr=0.05                    # any config override, applied to every method
+    python benchmarks/sweep.py --method-set gmp:train.lr=0.05   # ... or to one method's runs
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _jobs(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             for method in args.methods:
                 if method == "dense" and sparsity != args.sparsities[0]:
                     continue
-                overrides = [*args.base, *VARIANTS[method], f"prune.sparsity={sparsity}", f"seed={seed}", *args.set]
+                overrides = [*args.base, *VARIANTS[method], f"prune.sparsity={sparsity}", f"seed={seed}", *args.set,
+                             *args.method_set.get(method, [])]
                 jobs.append({"method": method, "sparsity": sparsity, "seed": seed, "config": args.config,
                              "overrides": overrides, "run_dir": str(_run_dir(out, method, sparsity, seed))})
     return jobs
@@ -170,6 +172,13 @@ def _percent(value: float, _pos: Any = None) -> str:
     return f"{100 * value:g}%"
 
 
+def _log_density_axis(ax: Any, densities: Sequence[float]) -> None:
+    """A log x axis with a tick at each density, padded so that a single density still shows."""
+    ax.set_xlim(min(densities) / 1.3, max(densities) * 1.3)
+    ax.set_xscale("log")
+    ax.set_xticks(densities)
+
+
 def plot_accuracy(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path, title: str) -> None:
     """Test accuracy against density (1 - sparsity) on a log axis, mean and spread over seeds:
     every method on the left, the weight-training methods zoomed in on the right."""
@@ -192,8 +201,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: 
                 ax.axhline(y[0], color=color, linestyle=line, linewidth=1, label=f"dense ({y[0]:.1f}%)")
                 continue
             ax.errorbar(x, y, yerr=err, color=color, marker=marker, linestyle=line, capsize=3, label=m)
-        ax.set_xscale("log")
-        ax.set_xticks(densities)
+        _log_density_axis(ax, densities)
         ax.xaxis.set_major_formatter(FuncFormatter(_percent))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, p: ""))
         ax.set_xlabel("weights kept (density = 1 - sparsity, log scale)")
@@ -242,9 +250,8 @@ def plot_layers(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
                 ax.plot(x, y, color=color, linestyle=line, marker=marker, label=f"{name} {shapes[name]} ({method})")
     densities = sorted({1 - s for (_, s, _) in kept})
     ax.plot(densities, densities, color="black", linewidth=0.8, linestyle=":", label="overall density (uniform)")
-    ax.set_xscale("log")
+    _log_density_axis(ax, densities)
     ax.set_yscale("log")
-    ax.set_xticks(densities)
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(FuncFormatter(_percent))
         axis.set_minor_formatter(FuncFormatter(lambda v, p: ""))
@@ -271,6 +278,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help=f"finetune epochs (default: the config's; --quick {QUICK_FINETUNE}, --dry 1)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--method-set", nargs="+", default=[], metavar="METHOD:KEY=VALUE",
+                   help="config overrides for one method's runs, after --set (e.g. gmp:train.lr=0.05: each "
+                        "method at the setting it does best with)")
     p.add_argument("--jobs", "-j", type=int, default=2, help="runs at the same time, one process each (default 2)")
     p.add_argument("--quick", action="store_true", help="sparsities 0.9 and 0.99, one seed, short runs")
     p.add_argument("--dry", action="store_true", help="tiny model, data and epochs (seconds; for tests)")
@@ -289,6 +299,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                  *([f"finetune.epochs={args.finetune_epochs}"] if args.finetune_epochs is not None else [])]
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    per_method: dict[str, list[str]] = defaultdict(list)
+    for item in args.method_set:
+        method, sep, override = item.partition(":")
+        if not sep or method not in VARIANTS or "=" not in override:
+            p.error(f"--method-set {item!r} must look like METHOD:KEY=VALUE with METHOD one of {', '.join(VARIANTS)}")
+        per_method[method].append(override)
+    args.method_set = dict(per_method)
     return args
 
 
@@ -301,13 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, [*args.base, *args.set])  # a bad config fails here, before any run
+        for overrides in args.method_set.values():
+            load_config(args.config, [*args.base, *args.set, *overrides])
     except UserError as err:
         print(f"sweep: {err}", file=sys.stderr)
         return 2
     epochs = f"{cfg.train.epochs}+{cfg.finetune.epochs}"
     jobs = _jobs(args, out)
+    own = "".join(f"; {m}: {' '.join(o)}" for m, o in args.method_set.items())
     print(f"sweep: {len(jobs)} runs ({', '.join(args.methods)} x sparsities {args.sparsities} x seeds {args.seeds}), "
-          f"{epochs} epochs, {args.jobs} at a time, into {out}", flush=True)
+          f"{epochs} epochs, {args.jobs} at a time, into {out}{own}", flush=True)
     begin = time.perf_counter()
     outcomes: list[dict[str, Any] | None] = [None] * len(jobs)
 
@@ -341,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         writer.writerows(rows)
     title = f"{cfg.model.name} on {cfg.data.name}, {epochs} epochs"
     table = _table(rows, args.methods, args.sparsities)
+    if args.method_set:
+        table += "\nPer-method settings: " + "; ".join(f"{m}: `{' '.join(o)}`" for m, o in args.method_set.items()) + "\n"
     (out / "results.md").write_text(f"# {title}\n\n{table}")
     plot_accuracy(rows, args.methods, out / "accuracy_vs_density.png", title)
     plot_layers(rows, out / "layer_density.png", title)
