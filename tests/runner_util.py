@@ -11,10 +11,11 @@ import pytest
 import torchvision
 from PIL import Image
 
-# a small, fast run: LeNet-300-100's shape with narrow hidden layers, a few hundred digits
+# a small, fast run: LeNet-300-100's shape with narrow hidden layers, a few hundred digits; K=2 mask
+# samples per batch (the default is 1), so that the multi-sample path is what the runner tests exercise
 TINY = [
     "model.options.hidden=[32,16]", "data.train_size=768", "data.test_size=200", "train.batch_size=64",
-    "train.epochs=4", "finetune.epochs=2", "prune.sparsity=0.9",
+    "train.samples=2", "train.epochs=4", "finetune.epochs=2", "prune.sparsity=0.9",
 ]
 
 

@@ -60,12 +60,12 @@ class TrainConfig:
     """The main phase: weights and scores trained together."""
 
     epochs: int = 30
-    batch_size: int = 32  # small batches: more score steps per epoch (see configs/mnist5k_lenet300.yaml)
+    batch_size: int = 16  # small batches: more score steps per epoch (see configs/mnist5k_lenet300.yaml)
     lr: float = 0.1  # weights: SGD with momentum, cosine decay
     momentum: float = 0.9
     weight_decay: float = 5e-4
     score_lr: float = 0.03  # scores: Adam without weight decay, cosine decay
-    samples: int = 2  # K mask samples per minibatch
+    samples: int = 1  # K mask samples per minibatch (the paper: 2; see configs/mnist5k_lenet300.yaml)
     grad_clip: float = 3.0  # clip the joint gradient norm of weights and scores; 0 disables
 
 
