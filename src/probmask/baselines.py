@@ -127,7 +127,8 @@ class _MaskedMethod(Method):
         values = self._magnitudes() if values is None else values
         mask = torch.zeros(self.total, dtype=torch.bool, device=values.device)
         for part, m, count in zip(values.split(self.sizes), mask.split(self.sizes), uniform_counts(self.sizes, k)):
-            m[torch.sort(part, descending=True, stable=True).indices[:count]] = True
+            # topk, not a full sort: edgepopup does this every step (42 ms against 1-4 ms for a 235k layer)
+            m[torch.topk(part, count, sorted=False).indices] = True
         return mask
 
     # ------------------------------------------------------------------ the Method interface
