@@ -6,7 +6,9 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,14 +59,13 @@ def test_method_set_applies_to_that_method_only(tmp_path, capsys):
     argv = ["--dry", "--jobs", "1", "--out", str(out), "--methods", "probmask", "gmp", "--sparsities", "0.9",
             "--seeds", "0", "--method-set", "gmp:train.lr=0.03"]
     assert sweep.main(argv) == 0
-    import yaml
 
     def lr(method: str) -> float:
         return yaml.safe_load((out / "runs" / method / "s0.9" / "seed0" / "config.yaml").read_text())["train"]["lr"]
 
     assert lr("gmp") == 0.03 and lr("probmask") == 0.1
     assert "gmp: `train.lr=0.03`" in (out / "results.md").read_text()
-    with __import__("pytest").raises(SystemExit):
+    with pytest.raises(SystemExit):
         sweep.main([*argv[:-1], "nomethod:train.lr=1"])
     assert "METHOD:KEY=VALUE" in capsys.readouterr().err
     assert sweep.main([*argv[:-1], "gmp:train.nope=1"]) == 2
