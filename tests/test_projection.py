@@ -1,12 +1,30 @@
 """The projection against a brute-force sort-based reference, and its floors against KKT."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from probmask import native
 from probmask.projection import project, project_
+
+
+@pytest.fixture(autouse=True, scope="module", params=["kernels", "pytorch"])
+def way(request):
+    """Every test twice: with the compiled kernels (float32 CPU scores use them when built) and
+    with PyTorch operations."""
+    if request.param == "kernels" and not native.available():
+        pytest.skip("the compiled kernels are not built")
+    before = os.environ.get(native.ENV)
+    os.environ[native.ENV] = "1" if request.param == "kernels" else "0"
+    yield request.param
+    if before is None:
+        del os.environ[native.ENV]
+    else:
+        os.environ[native.ENV] = before
 
 
 def reference_projection(s: np.ndarray, k: float) -> np.ndarray:

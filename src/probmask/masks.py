@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from probmask import native
+
 if TYPE_CHECKING:  # pragma: no cover
     from probmask.sparsifier import ProbMask
 
@@ -163,6 +165,30 @@ class _RelaxedMaskedWeights(torch.autograd.Function):
         return (grad_s, None, None, *grad_ws)
 
 
+class _NativeRelaxedMaskedWeights(torch.autograd.Function):
+    """The same as :class:`_RelaxedMaskedWeights` with the compiled CPU kernels (see
+    :mod:`probmask.native`): one pass per layer forward and one backward. Nothing full-size is
+    saved for backward beyond the inputs: the backward pass regenerates the counter-based noise
+    from the key and recomputes the logits."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, temperature: float, seed: int, *weights: Tensor):  # type: ignore[override]
+        limits = _limits(torch.float32)
+        outs = native.relaxed_forward(scores.detach(), [w.detach() for w in weights], temperature, seed, limits)
+        ctx.save_for_backward(scores, *weights)
+        ctx.temperature, ctx.seed = temperature, seed
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        scores, *weights = ctx.saved_tensors
+        grad_s, grad_ws = native.relaxed_backward(
+            scores.detach(), [w.detach() for w in weights], grads, ctx.temperature, ctx.seed,
+            _limits(torch.float32), ctx.needs_input_grad[0], ctx.needs_input_grad[3:],
+        )
+        return (grad_s, None, None, *grad_ws)
+
+
 # torch.compile runs these two eagerly (a graph break): dynamo cannot trace the fused Function's
 # in-place scratch use, and the noise must come from PyTorch's eager generator either way.
 @torch.compiler.disable
@@ -173,10 +199,14 @@ def relaxed_masked_weights(
 
     ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``;
     the noise is one flat draw in that order (on the CPU, the same numbers as one draw per layer
-    in turn).
-    ``work`` is an optional kept scratch tensor shaped like ``scores``, used only during the
-    forward and the backward call (never across them).
+    in turn). Float32 CPU tensors go through the compiled kernels when they are built (see
+    :mod:`probmask.native`: the same maths with counter-based noise), the rest through PyTorch
+    operations.
+    ``work`` is an optional kept scratch tensor shaped like ``scores``, used only by the PyTorch
+    way during the forward and the backward call (never across them).
     """
+    if native.supports(scores, *weights):
+        return _NativeRelaxedMaskedWeights.apply(scores, float(temperature), native.draw_seed(), *weights)
     work = torch.empty_like(scores.detach()) if work is None else work.detach()
     return _RelaxedMaskedWeights.apply(scores, float(temperature), work, *weights)
 

@@ -21,7 +21,9 @@ thresholds together, in one vectorised iteration over those layers only.
 On an accelerator the iterations run in blocks without any host synchronisation; one
 synchronisation per block checks convergence (and NaN/inf). On the CPU, where reading a result
 is free, convergence is checked after every step, the scalar arithmetic runs in numpy, and each
-pass goes through the scores in cache-sized chunks instead of through a full-size temporary.
+pass goes through the scores in cache-sized chunks instead of through a full-size temporary; with
+the compiled kernels (:mod:`probmask.native`) an evaluation of float32 scores is one read of each
+layer that returns both sums.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from probmask import native
 
 __all__ = ["ProjectionResult", "project", "project_", "work_buffer"]
 
@@ -161,8 +165,12 @@ class _Plan:
         self.device = scores.device
         self.host = _on_host(scores.device)
         self.nlayers = len(sizes)
+        # with the compiled kernels (float32 on the CPU), an evaluation is one pass per layer
+        # that needs no work buffer
+        self.native = self.host and native.supports(scores)
+        self.layers = list(scores.split(sizes)) if self.native else []
         chunk = _CPU_CHUNK if self.host else max(sizes)
-        need = min(chunk, scores.numel()) if self.host else scores.numel()
+        need = 0 if self.native else min(chunk, scores.numel()) if self.host else scores.numel()
         ok = (
             buffer is not None
             and buffer.device == scores.device
@@ -216,6 +224,12 @@ class _Plan:
         """
         chunks, local = subset
         scalar = len(thresholds) == 1
+        if self.native:
+            rows = []
+            for j, k in enumerate(chunks):
+                f, n, raw = native.clamp_sums(self.src[k], thresholds[0] if scalar else thresholds[local[j]])
+                rows.append([raw, f, n] if check else [f, n])
+            return torch.tensor(rows, dtype=torch.float64).view(len(chunks), -1)
         out = []
         for j, k in enumerate(chunks):
             src, work = self.src[k], self.work[k]
@@ -229,6 +243,9 @@ class _Plan:
     def sums_all(self, c: float, check: bool) -> tuple[list[float], list[float], float]:
         """CPU: per-layer sum clamp(s - c, 0, 1) and #{s > c} at one threshold, and (with
         ``check``) the raw sum of the scores (clamping hides +-inf; NaN shows there too)."""
+        if self.native:
+            rows = [native.clamp_sums(layer, c) for layer in self.layers]
+            return [r[0] for r in rows], [r[1] for r in rows], sum(r[2] for r in rows)
         out = []
         for src, work, pieces in self.packs:
             if check:

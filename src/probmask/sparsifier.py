@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from probmask import native
 from probmask.fixing import sample_mask, topk_mask
 from probmask.masks import (
     MaskMode,
@@ -228,12 +229,14 @@ class ProbMask:
         self._views = self._score_views()
         if self.mode is MaskMode.RELAXED:  # sample every layer's mask now, in a few flat passes
             weights = [self._original(i) for i in range(len(self.sizes))]
-            outs = relaxed_masked_weights(self.scores, weights, self.temperature, self._workspace())
+            work = None if native.supports(self.scores) else self._workspace()  # the kernels need none
+            outs = relaxed_masked_weights(self.scores, weights, self.temperature, work)
             self._cache.update(enumerate(outs))
 
     def _workspace(self) -> Tensor:
         """One kept scratch tensor shaped like the scores, for the masks' and the projection's
-        full-size temporaries (they never run at the same time)."""
+        full-size temporaries (they never run at the same time) when they run as PyTorch
+        operations; the compiled kernels need none (see :mod:`probmask.native`)."""
         if self._buffer is None or self._buffer.device != self.scores.device:
             self._buffer = torch.empty_like(self.scores, requires_grad=False)
         return self._buffer
@@ -305,7 +308,7 @@ class ProbMask:
         floors = self.floors if any(self.floors) else None
         result = project_(
             self.scores, self.budget, sizes=self.sizes, floors=floors,
-            start=self._threshold, buffer=self._workspace(),
+            start=self._threshold, buffer=None if native.supports(self.scores) else self._workspace(),
         )
         self._threshold = result.threshold
         self._floor_binding = result.floor_binding

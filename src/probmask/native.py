@@ -1,0 +1,141 @@
+"""The optional compiled CPU kernels, and when probmask uses them.
+
+``probmask._kernels`` (C, ``src/probmask/_kernels.c``) fuses the hot loops of a training step
+on the CPU into single passes over memory: the relaxed mask's forward pass (noise, logits, mask,
+times the weight), its backward pass (both gradients, regenerating the noise instead of keeping
+the logits: no full-size tensor is saved between the passes) and one evaluation of the
+projection's threshold search. It is built by ``pip install`` when a C compiler and the Python
+headers are present; without it, or with the environment variable ``PROBMASK_NATIVE=0``, the
+same maths runs as PyTorch operations. :func:`available` and :func:`enabled` tell which.
+
+The kernels take float32, contiguous CPU tensors; anything else (float64, CUDA, channels-last
+weights) goes the PyTorch way. Their noise is not ``torch.rand``'s: it is Philox-4x32-10 of the
+flat score index under a 64-bit key drawn from PyTorch's default generator once per forward
+pass, so ``torch.manual_seed`` still makes runs repeatable, and the result does not depend on
+the number of threads. The two ways draw different (equally distributed) noise, so the same seed
+gives different runs with and without the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    from probmask import _kernels
+except ImportError:  # pragma: no cover - depends on the build
+    _kernels = None
+
+__all__ = ["available", "clamp_sums", "draw_seed", "enabled", "philox", "supports", "uniform"]
+
+ENV = "PROBMASK_NATIVE"
+
+
+def available() -> bool:
+    """Whether the compiled kernels were built and import."""
+    return _kernels is not None
+
+
+def enabled() -> bool:
+    """Whether probmask uses them: available and not turned off with ``PROBMASK_NATIVE=0``."""
+    return _kernels is not None and os.environ.get(ENV, "1") != "0"
+
+
+def supports(*tensors: Tensor) -> bool:
+    """Whether the kernels are enabled and take these tensors (float32, contiguous, CPU)."""
+    return enabled() and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _kernels_module():
+    if _kernels is None:
+        raise RuntimeError(
+            "probmask's compiled kernels are not built (no C compiler or Python headers at install "
+            "time?): reinstall with them, or use the PyTorch path (probmask does so by itself)"
+        )
+    return _kernels
+
+
+def draw_seed() -> int:
+    """A 63-bit key for the noise, drawn from PyTorch's default generator."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def uniform(n: int, seed: int, offset: int = 0) -> Tensor:
+    """The kernels' uniforms in [0, 1) of flat indices ``offset .. offset + n`` under ``seed``."""
+    out = torch.empty(n, dtype=torch.float32)
+    _kernels_module().uniform(out.data_ptr(), n, offset, seed)
+    return out
+
+
+def philox(counter: Sequence[int], key: Sequence[int]) -> tuple[int, int, int, int]:
+    """Philox-4x32-10 of one counter (four 32-bit words) under a key (two words)."""
+    return _kernels_module().philox(tuple(counter), tuple(key))
+
+
+def relaxed_forward(
+    scores: Tensor, weights: Sequence[Tensor], temperature: float, seed: int, limits: tuple[float, float, float]
+) -> list[Tensor]:
+    """``w_l * m_l`` for every layer, m the relaxed masks of the flat ``scores`` (float32, CPU)."""
+    k, threads = _kernels_module(), _threads()
+    cap, mask_min, dmask_min = limits
+    outs, offset, sp = [], 0, scores.data_ptr()
+    for w in weights:
+        n = w.numel()
+        out = torch.empty_like(w)
+        k.relaxed_forward(
+            sp + 4 * offset, w.data_ptr(), out.data_ptr(), n, offset, seed,
+            temperature, cap, mask_min, dmask_min, threads,
+        )
+        outs.append(out)
+        offset += n
+    return outs
+
+
+def relaxed_backward(
+    scores: Tensor,
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    temperature: float,
+    seed: int,
+    limits: tuple[float, float, float],
+    need_scores: bool,
+    need_weights: Sequence[bool],
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """The flat score gradient (if asked) and each weight's gradient (where asked)."""
+    k, threads = _kernels_module(), _threads()
+    cap, mask_min, dmask_min = limits
+    grad_s = torch.empty_like(scores) if need_scores else None
+    grad_ws: list[Tensor | None] = []
+    offset, sp = 0, scores.data_ptr()
+    for w, g, need_w in zip(weights, grads, need_weights):
+        n = w.numel()
+        g = g.contiguous() if g.dtype == torch.float32 else g.float().contiguous()
+        gw = torch.empty_like(w) if need_w else None
+        if gw is not None or grad_s is not None:
+            k.relaxed_backward(
+                sp + 4 * offset, w.data_ptr(), g.data_ptr(),
+                0 if gw is None else gw.data_ptr(),
+                0 if grad_s is None else grad_s.data_ptr() + 4 * offset,
+                n, offset, seed, temperature, cap, mask_min, dmask_min, threads,
+            )
+        grad_ws.append(gw)
+        offset += n
+    return grad_s, grad_ws
+
+
+def clamp_sums(src: Tensor, c: float) -> tuple[float, float, float]:
+    """(sum clamp(s - c, 0, 1), #{s > c}, sum s) of a float32 CPU tensor, in one pass.
+
+    ``s - c`` is rounded to float32 as in PyTorch; the sums are exact to float64 partial sums
+    of short float32 runs (no worse than PyTorch's float32 sum).
+    """
+    return _kernels_module().clamp_sums(src.data_ptr(), src.numel(), c, _threads())
