@@ -22,6 +22,7 @@ host sync per step and a stopping tolerance, is timed too. For both, the constra
 |sum(s) - k| / k is computed in float64 after projecting.
 
 Usage: python benchmarks/projection.py [--quick] [--device cpu|cuda] [--reps N] [--threads N]
+       PROBMASK_NATIVE=0 python benchmarks/projection.py ...   # the PyTorch way, without the compiled kernels
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torchvision
 from torch import nn
 
 import probmask
+from probmask import native
 from probmask.models import build_model
 
 LR = 6e-3  # the paper's score learning rate: the size of one Adam step per coordinate
@@ -208,6 +210,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f"; compiled CPU kernels: {'on' if native.enabled() else 'off'}"
+        + ("" if native.available() else " (not built)")
     )
     for name, make, reps in (("LeNet-300-100", lenet, 50), ("ResNet-50", resnet50, 11)):
         reps = args.reps or (3 if args.quick else reps)

@@ -26,6 +26,7 @@ exist) and, separately, its value when that step begins (persistent state).
 
 Usage: python benchmarks/step.py [--quick] [--device cpu|cuda] [--models lenet,resnet32]
        [--width 32] [--reps N] [--threads N]
+       PROBMASK_NATIVE=0 python benchmarks/step.py ...   # the PyTorch way instead of the compiled kernels
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import probmask
+from probmask import native
 from probmask.models import build_model
 
 SPARSITY = 0.99
@@ -189,6 +191,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f"; compiled CPU kernels: {'on' if native.enabled() else 'off'}"
+        + ("" if native.available() else " (not built)")
     )
     for name in args.models.split(","):
         if name not in ("lenet", "resnet32"):
