@@ -239,7 +239,7 @@ def plot_layers(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
                 shapes[lay["name"]] = "x".join(map(str, lay["shape"]))
             break
     names = list(totals)
-    fig = Figure(figsize=(8.5, 5.2), layout="constrained")
+    fig = Figure(figsize=(11, 5.2), layout="constrained")
     ax = fig.add_subplot()
     colors = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
     for i, name in enumerate(names):
@@ -260,7 +260,7 @@ def plot_layers(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
     ax.set_xlabel("weights kept overall (log scale)")
     ax.set_ylabel("weights kept in the layer (log scale)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncols=2)
+    fig.legend(fontsize=8, loc="outside right upper")  # beside the axes: the lines stay visible
     ax.set_title(title + "\nper-layer keep ratios: ProbMask (solid) and global GMP (dashed), mean over seeds",
                  fontsize=10)
     _save(fig, path)
@@ -353,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for i in [i for i, res in pending.items() if res.ready()]:
                         report(i, pending.pop(i).get())
                     time.sleep(0.2)
+                pool.close()  # let the workers exit by themselves: terminate() (the with) can leak a semaphore
+                pool.join()
     except (ValueError, UserError) as err:
         print(f"sweep: {err}", file=sys.stderr)
         return 2

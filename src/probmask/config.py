@@ -59,7 +59,7 @@ class DataConfig:
 class TrainConfig:
     """The main phase: weights and scores trained together."""
 
-    epochs: int = 30
+    epochs: int = 60  # LeNet-300-100 on mnist5k: see configs/mnist5k_lenet300.yaml
     batch_size: int = 16  # small batches: more score steps per epoch (see configs/mnist5k_lenet300.yaml)
     lr: float = 0.1  # weights: SGD with momentum, cosine decay
     momentum: float = 0.9
