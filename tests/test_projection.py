@@ -8,19 +8,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probmask import native
+from probmask import native, projection
 from probmask.projection import project, project_
 
 
-@pytest.fixture(autouse=True, scope="module", params=["kernels", "pytorch"])
+@pytest.fixture(autouse=True, scope="module", params=["kernels", "pytorch", "device-path"])
 def way(request):
-    """Every test twice: with the compiled kernels (float32 CPU scores use them when built) and
-    with PyTorch operations."""
+    """Every test three ways: with the compiled kernels (float32 CPU scores use them when built),
+    with PyTorch operations, and through the accelerator's code path (blocks of Newton steps in
+    tensors, no host synchronisation inside a block), run on the CPU."""
     if request.param == "kernels" and not native.available():
         pytest.skip("the compiled kernels are not built")
     before = os.environ.get(native.ENV)
     os.environ[native.ENV] = "1" if request.param == "kernels" else "0"
+    on_host = projection._on_host
+    if request.param == "device-path":
+        projection._on_host = lambda device: False
     yield request.param
+    projection._on_host = on_host
     if before is None:
         del os.environ[native.ENV]
     else:
@@ -183,3 +188,81 @@ def test_non_finite_scores_raise(bad):
     scores[7] = bad
     with pytest.raises(ValueError, match="NaN or inf in the scores"):
         project_(scores, 10.0)
+
+
+def _erratic(c: float) -> float:
+    """-1, 0 or 1, changing erratically from one float32 threshold to the next."""
+    bits = int(np.array(c, dtype=np.float32).view(np.int32))
+    return float((((bits * 2654435761) & 0xFFFFFFFF) >> 7) % 3 - 1)
+
+
+def test_converges_when_the_sums_jitter(monkeypatch):
+    """Rounding can make f(c) non-monotone at the float32 scale of c (a kernel that summed in
+    float32 did: the floor search of a layer then cycled between its bracket's two ends until
+    the iteration limit). Sums jittered by a few hundred float32 ulps must still converge, to
+    the projection of the exact sums up to the jitter."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [5000, 3000, 1000]
+    scores = torch.cat([torch.rand(5000, generator=gen), torch.rand(3000, generator=gen) * 1e-3,
+                        torch.rand(1000, generator=gen) * 6e-3])
+    floors = [10.0, 1.5, 3.0]
+    exact = scores.clone()
+    project_(exact, 300.0, sizes=sizes, floors=floors)
+    amplitude = 2e-5
+    sums, sums_all = projection._Plan.sums, projection._Plan.sums_all
+
+    def jittered_sums(self, thresholds, subset, check):
+        rows = sums(self, thresholds, subset, check).clone()
+        cs = thresholds.tolist() if isinstance(thresholds, torch.Tensor) else list(thresholds)
+        for j, pos in enumerate(subset[1]):
+            rows[j, -2] += amplitude * _erratic(cs[0] if len(cs) == 1 else cs[pos])
+        return rows
+
+    def jittered_sums_all(self, c, check):
+        f, n, raw = sums_all(self, c, check)
+        return [x + amplitude * _erratic(c) for x in f], n, raw
+
+    monkeypatch.setattr(projection._Plan, "sums", jittered_sums)
+    monkeypatch.setattr(projection._Plan, "sums_all", jittered_sums_all)
+    out = scores.clone()
+    result = project_(out, 300.0, sizes=sizes, floors=floors)
+    assert result.floor_binding.tolist() == [False, True, True]
+    torch.testing.assert_close(out, exact, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [
+    (-4.910684195971845e-07, 3000, 5.816459971044978e-05, -4.689979943363157e-07),
+    (-8.927440532224757e-07, 1000, 3.176715078159125e-05, -8.636031007772048e-07),
+    (-5.372379977476419e-07, 30000, 4.918238245180561e-05, -5.327848916278826e-07),
+])
+def test_search_does_not_cycle_on_a_jump(case, way):
+    """f jumps across the target at a root (f = target + A left of it, target - A right of it):
+    the Newton steps from each end of the bracket land, once rounded to float32, on the other
+    end. Both searches must bisect instead of cycling (the earlier check compared the unrounded
+    step with the bracket and cycled in about half of such cases until the iteration limit)."""
+    if way != "pytorch":
+        pytest.skip("the searches are plain functions of f: tested once")
+    root, n, jump, start = case
+    target = 3.0
+
+    def f(c: float) -> float:
+        return target + jump if c < root else target - jump
+
+    host = projection._HostSearch(root - 1.0, target, lo_known=True)
+    c = projection._f32(start)
+    for _ in range(64):
+        nxt, done = host.step(c, f(c), float(n))
+        if done:
+            break
+        c = projection._f32(nxt)
+    assert done and abs(projection._HostSearch.round_up(nxt) - root) < 1e-12
+
+    as_t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    device = projection._DeviceSearch(as_t(root - 1.0), as_t(target), lo_known=True)
+    c32 = torch.tensor([start], dtype=torch.float32)
+    for _ in range(64):
+        nxt_t, done_t = device.step(c32, as_t(f(float(c32))), as_t(float(n)))
+        if bool(done_t.all()):
+            break
+        c32 = nxt_t.float()
+    assert bool(done_t.all()) and abs(float(device.round_up(nxt_t)) - root) < 1e-12

@@ -234,21 +234,22 @@ typedef struct {
     double f[MAX_PARTS], count[MAX_PARTS], raw[MAX_PARTS];
 } sums_job;
 
-/* Running float sums over one tile (at most TILE elements: float sums are exact enough). The
- * sums may be reassociated (into vector lanes) and NaN need not survive the clamp: the raw sum
- * still shows it. */
+/* Running sums over one tile, in double: the projection's search relies on sums as accurate as
+ * a float32 sum can be (a float32 running sum over a tile was off by 4 ulps and more, which made
+ * f(c) non-monotone at the float32 scale of c). The sums may be reassociated (into vector lanes),
+ * and NaN need not survive the clamp: the raw sum still shows it. */
 VECTOR_CLONES
 __attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math", "finite-math-only")))
 static void sums_tile(const float *s, Py_ssize_t len, float c, double *f, double *count, double *raw)
 {
-    float fs = 0.0f, ns = 0.0f, rs = 0.0f;
+    double fs = 0.0, ns = 0.0, rs = 0.0;
     for (Py_ssize_t t = 0; t < len; t++) {
-        float x = s[t] - c;
+        float x = s[t] - c; /* rounded to float32, as PyTorch computes it */
         x = x < 0.0f ? 0.0f : x;
         x = x > 1.0f ? 1.0f : x;
-        fs += x;
-        ns += x > 0.0f ? 1.0f : 0.0f;
-        rs += s[t];
+        fs += (double)x;
+        ns += x > 0.0f ? 1.0 : 0.0;
+        rs += (double)s[t];
     }
     *f += fs;
     *count += ns;
@@ -324,7 +325,7 @@ static int parallel_ranges(Py_ssize_t n, int threads, range_fn fn, void *arg)
 
 static void *as_pointer(unsigned long long address) { return (void *)(uintptr_t)address; }
 
-static int read_params(relax_params *p, unsigned long long seed, float temperature, float cap, float mask_min,
+static void read_params(relax_params *p, unsigned long long seed, float temperature, float cap, float mask_min,
                        float dmask_min)
 {
     p->k0 = (uint32_t)seed;
@@ -333,7 +334,6 @@ static int read_params(relax_params *p, unsigned long long seed, float temperatu
     p->cap = cap;
     p->mask_min = mask_min;
     p->dmask_min = dmask_min;
-    return 0;
 }
 
 static PyObject *py_relaxed_forward(PyObject *self, PyObject *args)
@@ -443,7 +443,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_kernels", "Optional compiled CPU kernels of probmask (see probmask.native).", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

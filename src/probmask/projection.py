@@ -291,8 +291,9 @@ class _Plan:
 # slope there when scores sit above c + 1, so a second point on the right steps with the secant
 # slope of the two right points instead. The search keeps the bracket [lo, hi] of the largest
 # point seen with f >= target and the smallest with f < target, and falls back to it where
-# neither helps: no slope from the right (go to lo), or a step leaving the bracket, which float32
-# rounding of the sums can cause when many scores tie (bisect). ``lo`` starts as a lower limit
+# neither helps: no slope from the right (go to lo), or a step leaving the bracket or landing on
+# one of its ends once rounded to float32, which rounding of the sums can cause when many scores
+# tie or f jitters at the float32 scale of c (bisect: the bracket shrinks every step). ``lo`` starts as a lower limit
 # of the search, not known to be a left point unless ``lo_known``. It stops when the next step is
 # below one float32 ulp, when f meets the target to the accuracy of a float32 sum (a few ulps),
 # or when the bracket is down to neighbouring floats (then hi, where f < target, is the answer);
@@ -336,7 +337,10 @@ class _HostSearch:
             nxt = c + (f - target) / secant
         if right and slope == 0:
             nxt = lo
-        outside = nxt >= hi or (nxt <= lo and not left)
+        # outside the bracket once rounded to float32: a step that lands back on lo or hi would
+        # repeat an evaluation, and where rounding makes f jitter it can cycle between the two
+        r = _f32(nxt)
+        outside = r >= hi or (r <= lo and not left)
         if not close and outside and lo_ok and hi != math.inf:
             nxt = 0.5 * (lo + hi)
         nxt = max(nxt, lo)
@@ -378,7 +382,8 @@ class _DeviceSearch:
         use_secant = right & had_right & (secant > 0) & (secant < slope)
         nxt = torch.where(use_secant, c + (f - target) / torch.where(use_secant, secant, 1.0), nxt)
         nxt = torch.where(right & (slope == 0), lo, nxt)
-        outside = (nxt >= hi) | ((nxt <= lo) & ~left)
+        r = nxt.float().double()  # outside once rounded to float32 (see _HostSearch.step)
+        outside = (r >= hi) | ((r <= lo) & ~left)
         nxt = torch.where(~close & outside & lo_ok & torch.isfinite(hi), 0.5 * (lo + hi), nxt)
         nxt = torch.maximum(nxt, lo)
         ulp = torch.nextafter(c32.abs(), self.inf32) - c32.abs()
