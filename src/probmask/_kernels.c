@@ -234,26 +234,39 @@ typedef struct {
     double f[MAX_PARTS], count[MAX_PARTS], raw[MAX_PARTS];
 } sums_job;
 
-/* Running sums over one tile, in double: the projection's search relies on sums as accurate as
- * a float32 sum can be (a float32 running sum over a tile was off by 4 ulps and more, which made
- * f(c) non-monotone at the float32 scale of c). The sums may be reassociated (into vector lanes),
- * and NaN need not survive the clamp: the raw sum still shows it. */
+/* Sums over one tile: float partial sums over blocks of SUM_BLOCK elements, added up in double.
+ * The projection's search relies on sums about as accurate as PyTorch's float32 sum: a float
+ * running sum over a whole tile was off by several float32 ulps, which made f(c) jitter at the
+ * float32 scale of c; summing every element in double cost twice the time. The block sums may be
+ * reassociated (into vector lanes), and NaN need not survive the clamp: the raw sum shows it. */
+#define SUM_BLOCK 128
 VECTOR_CLONES
 __attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math", "finite-math-only")))
-static void sums_tile(const float *s, Py_ssize_t len, float c, double *f, double *count, double *raw)
+static void sums_block(const float *s, Py_ssize_t len, float c, float out[3])
 {
-    double fs = 0.0, ns = 0.0, rs = 0.0;
+    float fs = 0.0f, ns = 0.0f, rs = 0.0f;
     for (Py_ssize_t t = 0; t < len; t++) {
         float x = s[t] - c; /* rounded to float32, as PyTorch computes it */
         x = x < 0.0f ? 0.0f : x;
         x = x > 1.0f ? 1.0f : x;
-        fs += (double)x;
-        ns += x > 0.0f ? 1.0 : 0.0;
-        rs += (double)s[t];
+        fs += x;
+        ns += x > 0.0f ? 1.0f : 0.0f;
+        rs += s[t];
     }
-    *f += fs;
-    *count += ns;
-    *raw += rs;
+    out[0] = fs;
+    out[1] = ns;
+    out[2] = rs;
+}
+
+static void sums_tile(const float *s, Py_ssize_t len, float c, double *f, double *count, double *raw)
+{
+    float part[3];
+    for (Py_ssize_t i = 0; i < len; i += SUM_BLOCK) {
+        sums_block(s + i, len - i < SUM_BLOCK ? len - i : SUM_BLOCK, c, part);
+        *f += part[0];
+        *count += part[1];
+        *raw += part[2];
+    }
 }
 
 static void sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi, int part)

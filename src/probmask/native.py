@@ -135,7 +135,8 @@ def relaxed_backward(
 def clamp_sums(src: Tensor, c: float) -> tuple[float, float, float]:
     """(sum clamp(s - c, 0, 1), #{s > c}, sum s) of a float32 CPU tensor, in one pass.
 
-    ``s - c`` is rounded to float32 as in PyTorch; the sums are exact to float64 partial sums
-    of short float32 runs (no worse than PyTorch's float32 sum).
+    ``s - c`` is rounded to float32 as in PyTorch; the sums add float32 sums of 128 elements in
+    float64, about as accurate as PyTorch's float32 sum (the projection's stopping rule relies
+    on that).
     """
     return _kernels_module().clamp_sums(src.data_ptr(), src.numel(), c, _threads())
