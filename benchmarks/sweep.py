@@ -57,9 +57,9 @@ VARIANTS: dict[str, list[str]] = {
     "edgepopup": ["prune.method=edgepopup", "prune.freeze_weights=true"],
 }
 # the full sweep uses the config's own epochs and batch, the same for every method unless --method-set
-# says otherwise: the default job (30 + 10 epochs, batch 16, K=1) x 8 methods x 6 sparsities (with
-# 99.9%) x 3 seeds took 84 minutes on 2 cores (benchmarks/RESULTS.md), edgepopup's per-step full sort
-# of that time included (about 230 s of its runs; now torch.topk)
+# says otherwise: the default job (60 + 10 epochs, batch 16, K=1) x 8 methods x 6 sparsities (with
+# 99.9%) x 3 seeds took about 46 minutes on 2 cores with the compiled CPU kernels
+# (benchmarks/RESULTS.md)
 QUICK_EPOCHS, QUICK_FINETUNE = 10, 3
 QUICK_SPARSITIES = [0.9, 0.99]
 # --dry: a narrow LeNet on a few hundred digits, for the test suite
