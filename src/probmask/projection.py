@@ -287,7 +287,11 @@ class _Plan:
 #
 # The slope is the count #{s > c}, never smaller than the true slope anywhere to the right of
 # c: from the left (f >= target) a step never passes the root, so the iterates rise
-# monotonically to it. From the right a step may land on either side; the count overstates the
+# monotonically to it. The count overstates the slope where scores lie above c + 1 (clamped at
+# 1, they add nothing): when f fell by less than half of what the count predicted over the last
+# step from the left, the next step is at least twice that step (it may pass the root; the
+# bracket below then takes over). Without this, a plateau such as one score at 1.25 with a budget
+# just below 1 took one step of (f - target) / count per evaluation. From the right a step may land on either side; the count overstates the
 # slope there when scores sit above c + 1, so a second point on the right steps with the secant
 # slope of the two right points instead. The search keeps the bracket [lo, hi] of the largest
 # point seen with f >= target and the smallest with f < target, and falls back to it where
@@ -318,6 +322,7 @@ class _HostSearch:
         self.lo, self.target, self.lo_ok = lo, target, lo_known
         self.tol = _SUM_RTOL * max(target, 1.0)
         self.hi, self.f_hi = math.inf, 0.0
+        self.prev: tuple[float, float, float] | None = None  # the last left point: (c, f, slope used)
 
     def step(self, c: float, f: float, slope: float) -> tuple[float, bool]:
         """(next point, done) from f and the slope count at the float32 point c."""
@@ -333,6 +338,12 @@ class _HostSearch:
             self.f_hi, hi = f, c
         lo_ok = self.lo_ok or left
         nxt = c + (f - target) / max(slope, 1.0)
+        if left and not close and self.prev is not None and c > self.prev[0]:
+            pc, pf, ps = self.prev
+            if pf - f < 0.5 * ps * (c - pc):  # f fell by less than half the count's prediction
+                nxt = max(nxt, c + 2.0 * (c - pc))  # scores above c + 1: double the step
+        if left:
+            self.prev = (c, f, max(slope, 1.0))
         if right and had_right and 0.0 < secant < slope:
             nxt = c + (f - target) / secant
         if right and slope == 0:
@@ -365,6 +376,8 @@ class _DeviceSearch:
         self.hi = torch.full_like(lo, math.inf)
         self.f_hi = torch.zeros_like(lo)
         self.inf32 = torch.tensor(math.inf, dtype=torch.float32, device=lo.device)
+        self.prev_c, self.prev_f, self.prev_slope = torch.zeros_like(lo), torch.zeros_like(lo), torch.zeros_like(lo)
+        self.has_prev = torch.zeros_like(lo, dtype=torch.bool)
 
     def step(self, c32: Tensor, f: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
         """(next point in float64, done) from f and the slope count at the float32 points c32."""
@@ -379,6 +392,12 @@ class _DeviceSearch:
         hi = torch.where(left, self.hi, torch.minimum(self.hi, c))
         lo_ok = self.lo_ok | left
         nxt = c + (f - target) / slope.clamp_min(1.0)
+        creep = left & ~close & self.has_prev & (c > self.prev_c) & (self.prev_f - f < 0.5 * self.prev_slope * (c - self.prev_c))
+        nxt = torch.where(creep, torch.maximum(nxt, c + 2.0 * (c - self.prev_c)), nxt)  # see _HostSearch.step
+        self.prev_c = torch.where(left, c, self.prev_c)
+        self.prev_f = torch.where(left, f, self.prev_f)
+        self.prev_slope = torch.where(left, slope.clamp_min(1.0).to(self.prev_slope.dtype), self.prev_slope)
+        self.has_prev = self.has_prev | left
         use_secant = right & had_right & (secant > 0) & (secant < slope)
         nxt = torch.where(use_secant, c + (f - target) / torch.where(use_secant, secant, 1.0), nxt)
         nxt = torch.where(right & (slope == 0), lo, nxt)
