@@ -228,3 +228,22 @@ def test_loading_the_kernels_keeps_subnormal_arithmetic():
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+def test_a_missing_build_says_so_and_how_to_fix_it(monkeypatch):
+    monkeypatch.setattr(native, "_kernels", None)
+    assert not native.available() and not native.enabled() and not native.supports(torch.rand(3))
+    with pytest.raises(RuntimeError, match="not built.*reinstall"):
+        native.uniform(4, 0)
+
+
+def test_channels_last_weights_take_the_pytorch_way_with_the_kept_buffer():
+    """Float32 CPU scores with weights the kernels do not take: ProbMask must hand the PyTorch
+    way its kept scratch buffer (not a fresh full-size one every step) and still train."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 2))
+    model[0].weight.data = model[0].weight.data.to(memory_format=torch.channels_last)
+    pm = probmask.ProbMask(model, sparsity=0.5)
+    pm.set_epoch(5, 10)
+    model(torch.randn(4, 3, 6, 6)).sum().backward()
+    assert pm._buffer is not None and pm._buffer.shape == pm.scores.shape
+    assert torch.isfinite(pm.scores.grad).all() and bool(pm.scores.grad.abs().sum() > 0)

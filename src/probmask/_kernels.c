@@ -176,22 +176,16 @@ typedef struct {
     relax_params p;
 } relax_job;
 
-static void forward_range(void *arg, Py_ssize_t lo, Py_ssize_t hi, int part)
+/* Forward (job->out set): out = w * m. */
+static void forward_tile(const relax_job *job, Py_ssize_t i, Py_ssize_t len, const float *m)
 {
-    const relax_job *job = arg;
-    float z[TILE], a[TILE], m[TILE];
-    (void)part;
-    for (Py_ssize_t i = lo; i < hi; i += TILE) {
-        Py_ssize_t len = hi - i < TILE ? hi - i : TILE;
-        tile_logits(job->offset + (uint64_t)i, len, job->s + i, &job->p, z);
-        sigmoids_tile(z, job->p.mask_min, a, m);
-        const float *w = job->w + i;
-        float *out = job->out + i;
-        for (Py_ssize_t t = 0; t < len; t++)
-            out[t] = w[t] * m[t];
-    }
+    const float *w = job->w + i;
+    float *out = job->out + i;
+    for (Py_ssize_t t = 0; t < len; t++)
+        out[t] = w[t] * m[t];
 }
 
+/* Backward (job->out unset): the gradients asked for (a null pointer skips one). */
 VECTOR_CLONES
 static void backward_tile(const relax_job *job, Py_ssize_t i, Py_ssize_t len, const float *a, const float *m)
 {
@@ -213,7 +207,8 @@ static void backward_tile(const relax_job *job, Py_ssize_t i, Py_ssize_t len, co
     }
 }
 
-static void backward_range(void *arg, Py_ssize_t lo, Py_ssize_t hi, int part)
+/* Both passes tile by tile: the same logits and mask for an element in either pass. */
+static void relax_range(void *arg, Py_ssize_t lo, Py_ssize_t hi, int part)
 {
     const relax_job *job = arg;
     float z[TILE], a[TILE], m[TILE];
@@ -222,7 +217,10 @@ static void backward_range(void *arg, Py_ssize_t lo, Py_ssize_t hi, int part)
         Py_ssize_t len = hi - i < TILE ? hi - i : TILE;
         tile_logits(job->offset + (uint64_t)i, len, job->s + i, &job->p, z);
         sigmoids_tile(z, job->p.mask_min, a, m);
-        backward_tile(job, i, len, a, m);
+        if (job->out)
+            forward_tile(job, i, len, m);
+        else
+            backward_tile(job, i, len, a, m);
     }
 }
 
@@ -362,7 +360,7 @@ static PyObject *py_relaxed_forward(PyObject *self, PyObject *args)
     relax_job job = {as_pointer(s), as_pointer(w), NULL, as_pointer(out), NULL, NULL, offset, {0}};
     read_params(&job.p, seed, temperature, cap, mask_min, dmask_min);
     Py_BEGIN_ALLOW_THREADS
-    parallel_ranges(n, threads, forward_range, &job);
+    parallel_ranges(n, threads, relax_range, &job);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -381,7 +379,7 @@ static PyObject *py_relaxed_backward(PyObject *self, PyObject *args)
                      offset, {0}};
     read_params(&job.p, seed, temperature, cap, mask_min, dmask_min);
     Py_BEGIN_ALLOW_THREADS
-    parallel_ranges(n, threads, backward_range, &job);
+    parallel_ranges(n, threads, relax_range, &job);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

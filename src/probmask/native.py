@@ -29,7 +29,10 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
-__all__ = ["available", "clamp_sums", "draw_seed", "enabled", "philox", "supports", "uniform"]
+__all__ = [
+    "available", "clamp_sums", "draw_seed", "enabled", "philox", "relaxed_backward", "relaxed_forward",
+    "supports", "uniform",
+]
 
 ENV = "PROBMASK_NATIVE"
 

@@ -290,17 +290,18 @@ class _Plan:
 # monotonically to it. The count overstates the slope where scores lie above c + 1 (clamped at
 # 1, they add nothing): when f fell by less than half of what the count predicted over the last
 # step from the left, the next step is at least twice that step (it may pass the root; the
-# bracket below then takes over). Without this, a plateau such as one score at 1.25 with a budget
-# just below 1 took one step of (f - target) / count per evaluation. From the right a step may land on either side; the count overstates the
-# slope there when scores sit above c + 1, so a second point on the right steps with the secant
-# slope of the two right points instead. The search keeps the bracket [lo, hi] of the largest
-# point seen with f >= target and the smallest with f < target, and falls back to it where
-# neither helps: no slope from the right (go to lo), or a step leaving the bracket or landing on
-# one of its ends once rounded to float32, which rounding of the sums can cause when many scores
-# tie or f jitters at the float32 scale of c (bisect: the bracket shrinks every step). ``lo`` starts as a lower limit
-# of the search, not known to be a left point unless ``lo_known``. It stops when the next step is
-# below one float32 ulp, when f meets the target to the accuracy of a float32 sum (a few ulps),
-# or when the bracket is down to neighbouring floats (then hi, where f < target, is the answer);
+# bracket below then takes over). Without this, a plateau such as one score at 1.25 with a
+# budget just below 1 took one step of (f - target) / count per evaluation. From the right a
+# step may land on either side; the count overstates the slope there when scores sit above
+# c + 1, so a second point on the right steps with the secant slope of the two right points
+# instead. The search keeps the bracket [lo, hi] of the largest point seen with f >= target and
+# the smallest with f < target, and falls back to it where neither helps: no slope from the
+# right (go to lo), or a step leaving the bracket or landing on one of its ends once rounded to
+# float32, which rounding of the sums can cause when many scores tie or f jitters at the float32
+# scale of c (bisect: the bracket shrinks every step). ``lo`` starts as a lower limit of the
+# search, not known to be a left point unless ``lo_known``. It stops when the next step is below
+# one float32 ulp, when f meets the target to the accuracy of a float32 sum (a few ulps), or
+# when the bracket is down to neighbouring floats (then hi, where f < target, is the answer);
 # the answer is rounded up to a float32, so that f(v) <= target rather than just above.
 #
 # _HostSearch does this in Python floats, one problem at a time (on the CPU, tensor or numpy

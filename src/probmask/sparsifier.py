@@ -229,7 +229,7 @@ class ProbMask:
         self._views = self._score_views()
         if self.mode is MaskMode.RELAXED:  # sample every layer's mask now, in a few flat passes
             weights = [self._original(i) for i in range(len(self.sizes))]
-            work = None if native.supports(self.scores) else self._workspace()  # the kernels need none
+            work = None if native.supports(self.scores, *weights) else self._workspace()  # the kernels need none
             outs = relaxed_masked_weights(self.scores, weights, self.temperature, work)
             self._cache.update(enumerate(outs))
 
