@@ -9,21 +9,19 @@ module with a ``torch.nn.utils.parametrize`` parametrization: no module is repla
 from __future__ import annotations
 
 import enum
-import functools
-import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from probmask import native
+from probmask.numerics import EPS
+from probmask.numerics import limits as _limits
 
 if TYPE_CHECKING:  # pragma: no cover
     from probmask.sparsifier import ProbMask
 
 __all__ = ["EPS", "MaskMode", "relaxed_mask", "relaxed_masked_weight", "relaxed_masked_weights"]
-
-EPS = 1e-20  # guards the logs; logit(1) = log(1 + EPS) - log(EPS) ~ +46
 
 
 class MaskMode(enum.Enum):
@@ -39,22 +37,6 @@ def _dlogit_dscore(score: Tensor, work: Tensor) -> Tensor:
     rounds to 1), computed as 1 / (s(1-s) + e): the same float, as s + e rounds to s wherever
     s(1-s) outweighs e."""
     return torch.sub(1.0, score, out=work).mul_(score).add_(EPS).reciprocal_()
-
-
-@functools.cache
-def _limits(dtype: torch.dtype) -> tuple[float, float, float]:
-    """(cap on |z|, smallest mask value kept, smallest a * (1 - a) kept) for ``dtype``.
-
-    Subnormal floats are slow on CPUs (a matrix product with subnormal weights ran 20x slower
-    here) and carry almost no precision, so the relaxation never produces them. |z| is capped at
-    -log(tiny) (87 in float32), where sigmoid(-|z|) is still normal, and a score's gradient is
-    set to 0 where the cap bit (its true value is below T * tiny / e, about 1e-18 of
-    |w * grad|; the unguarded form computed it in subnormals or lost it to underflow). Mask
-    values below tiny * 2**26 (2**-100 in float32) are set to 0, so that masked weights of
-    magnitude >= 2**-26 stay normal; such a weight changes by less than 2**-100 of itself.
-    """
-    tiny = torch.finfo(dtype).tiny
-    return float(math.floor(-math.log(tiny))), tiny * 2.0**26, 1.5 * tiny
 
 
 def _mask_(z: Tensor) -> Tensor:
