@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py src/probmask/_kernels.c
+$(STAMP): pyproject.toml setup.py src/probmask/kernels/_cpu.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)

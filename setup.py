@@ -1,8 +1,8 @@
 """Build of the optional compiled CPU kernels (everything else is in pyproject.toml).
 
-``probmask._kernels`` is plain C against the CPython API. If it cannot be built (no C compiler
+``probmask.kernels._cpu`` is plain C against the CPython API. If it cannot be built (no C compiler
 or no Python headers), installation still succeeds and probmask uses PyTorch operations instead:
-``probmask.native.available()`` tells which.
+``probmask.kernels.cpu.available()`` tells which.
 """
 
 import sys
@@ -19,8 +19,8 @@ else:
 setup(
     ext_modules=[
         Extension(
-            "probmask._kernels",
-            sources=["src/probmask/_kernels.c"],
+            "probmask.kernels._cpu",
+            sources=["src/probmask/kernels/_cpu.c"],
             extra_compile_args=compile_args,
             extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
             libraries=[] if sys.platform == "win32" else ["m"],

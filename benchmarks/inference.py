@@ -124,8 +124,8 @@ def lenet_models(quick: bool) -> dict[float, tuple[nn.Module, str]]:
 
 
 def lenet_from_runs(dirs: list[str]) -> dict[float, tuple[nn.Module, str]]:
+    from probmask.app.models import build_model
     from probmask.export import load, load_into
-    from probmask.models import build_model
 
     out = {}
     for d in dirs:

@@ -9,7 +9,7 @@ scores at 0 and the rest spread over (0, 1], as in training at 99% sparsity), ti
 - one projection evaluation: per-layer sum(clamp(s - c, 0, 1)) and #{s > c} (``_Plan.sums_all``,
   including setting up the plan, as every projection does);
 
-each with the compiled kernels (``probmask._kernels``) and the PyTorch way (``PROBMASK_NATIVE=0``),
+each with the compiled kernels (``probmask.kernels._cpu``) and the PyTorch way (``PROBMASK_NATIVE=0``),
 median over repetitions, interleaved. Prints milliseconds and the ratio.
 
 Usage: python benchmarks/kernels.py [--model lenet300|resnet32] [--reps N] [--threads N]
@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 import torch
 
-from probmask import native
+from probmask.app.models import build_model
+from probmask.kernels import cpu as native
 from probmask.masks import relaxed_masked_weights
-from probmask.models import build_model
 from probmask.projection import _Plan
 from probmask.selection import select_targets
 

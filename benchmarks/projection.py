@@ -37,8 +37,8 @@ import torchvision
 from torch import nn
 
 import probmask
-from probmask import native
-from probmask.models import build_model
+from probmask.app.models import build_model
+from probmask.kernels import cpu as native
 
 LR = 6e-3  # the paper's score learning rate: the size of one Adam step per coordinate
 

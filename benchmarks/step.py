@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import probmask
-from probmask import native
-from probmask.models import build_model
+from probmask.app.models import build_model
+from probmask.kernels import cpu as native
 
 SPARSITY = 0.99
 

@@ -1,7 +1,7 @@
 """Accuracy against sparsity: methods x sparsities x seeds on one config (issue 4).
 
 Every run is an ordinary ``probmask run`` run directory under ``OUT/runs/<method>/s<sparsity>/
-seed<seed>``, made with :func:`probmask.runner.run_experiment`; a run whose ``results.json``
+seed<seed>``, made with :func:`probmask.app.runner.run_experiment`; a run whose ``results.json``
 exists is reused, an interrupted one (``checkpoint.pt`` only) is resumed, so the sweep can be
 stopped and restarted at any time. ``dense`` does not depend on the sparsity and runs once per
 seed. Runs go to ``--jobs`` worker processes (one CPU thread each by the config's ``threads``);
@@ -12,7 +12,7 @@ deviation over seeds per method and sparsity) and two PNGs: ``accuracy_vs_densit
 accuracy against the kept fraction on a log axis) and ``layer_density.png`` (the per-layer keep
 ratios ProbMask learned beside those of global GMP).
 
-Methods: the registered ones (see ``probmask.methods``) plus ``probmask_sm``, ProbMask in
+Methods: the registered ones (see ``probmask.app.methods``) plus ``probmask_sm``, ProbMask in
 supermask mode (``prune.freeze_weights=true``), which is the fair partner of ``edgepopup``.
 
 Usage::
@@ -76,8 +76,8 @@ def _one_run(job: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or reuse) one run directory; returns its results.json plus timing."""
     import yaml
 
-    from probmask.config import config_diff, config_from_dict, load_config
-    from probmask.runner import CHECKPOINT, CONFIG, RESULTS, run_experiment
+    from probmask.app.config import config_diff, config_from_dict, load_config
+    from probmask.app.runner import CHECKPOINT, CONFIG, RESULTS, run_experiment
 
     run_dir = Path(job["run_dir"])
     cfg = load_config(job["config"], job["overrides"])
@@ -315,8 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from probmask.config import load_config
-    from probmask.errors import UserError
+    from probmask.app.config import load_config
+    from probmask.app.errors import UserError
 
     try:
         cfg = load_config(args.config, [*args.base, *args.set])  # a bad config fails here, before any run

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from probmask.config import load_config
-from probmask.distributed import DistContext
-from probmask.runner import Experiment
+from probmask.app.config import load_config
+from probmask.app.distributed import DistContext
+from probmask.app.runner import Experiment
 from probmask.sparsifier import accumulate_samples
 from runner_util import TINY
 

@@ -108,8 +108,8 @@ def test_runner_with_compile_matches_the_eager_run(tmp_path):
         pytest.skip(f"torch.compile cannot run here: {reason}")
     import json
 
-    from probmask.config import load_config
-    from probmask.runner import run_experiment
+    from probmask.app.config import load_config
+    from probmask.app.runner import run_experiment
     from runner_util import TINY
 
     torch._dynamo.reset()

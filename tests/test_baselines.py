@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from probmask.baselines import uniform_counts
-from probmask.config import load_config
-from probmask.errors import UserError
-from probmask.methods import build_method, method_names
-from probmask.models import build_model
-from probmask.runner import Experiment, run_experiment
+from probmask.app.baselines import uniform_counts
+from probmask.app.config import load_config
+from probmask.app.errors import UserError
+from probmask.app.methods import build_method, method_names
+from probmask.app.models import build_model
+from probmask.app.runner import Experiment, run_experiment
 from runner_util import TINY
 
 # 0.8 rather than TINY's 0.9: a random mask of the narrow tiny net must still connect input to output

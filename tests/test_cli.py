@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from probmask import cli
-from probmask.cli import build_parser, main
-from probmask.config import ExperimentConfig, config_to_dict, load_config
-from probmask.errors import UserError
+from probmask.app import cli
+from probmask.app.cli import build_parser, main
+from probmask.app.config import ExperimentConfig, config_to_dict, load_config
+from probmask.app.errors import UserError
 from runner_util import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_readme_recipe_for_your_own_model(tmp_path):
 # ---------------------------------------------------------------------------------- registrars
 def test_subcommands_come_from_registrars(monkeypatch, capsys):
     names = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    assert {"run", "export", "eval"} <= names  # export / eval from probmask.deploy_cli
+    assert {"run", "export", "eval"} <= names  # export / eval from probmask.app.deploy_cli
 
     def register(subparsers):
         p = subparsers.add_parser("hello")
@@ -174,12 +174,12 @@ def test_a_plugin_module_that_is_missing_is_skipped_but_a_broken_one_is_not(monk
 
 
 def test_interrupt_says_how_to_resume(monkeypatch, tmp_path, capsys):
-    import probmask.runner
+    import probmask.app.runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(probmask.runner, "run_experiment", interrupted)
+    monkeypatch.setattr(probmask.app.runner, "run_experiment", interrupted)
     code, _, err = run(capsys, "run", "--out", tmp_path / "r")
     assert code == 130
     assert err == f"probmask: interrupted; continue with: probmask run --resume {tmp_path / 'r'}\n"

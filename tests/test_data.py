@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probmask.config import DataConfig
-from probmask.data import CIFAR10_STATS, CIFAR100_STATS, dataset_names, load_data
-from probmask.errors import UserError
+from probmask.app.config import DataConfig
+from probmask.app.data import CIFAR10_STATS, CIFAR100_STATS, dataset_names, load_data
+from probmask.app.errors import UserError
 from runner_util import write_cifar, write_image_folder, write_mnist
 
 

@@ -13,9 +13,9 @@ import torch
 
 from deploy_util import prune
 from probmask import export
-from probmask.config import config_to_dict, load_config
-from probmask.deploy_cli import main
-from probmask.models import build_model
+from probmask.app.config import config_to_dict, load_config
+from probmask.app.deploy_cli import main
+from probmask.app.models import build_model
 
 LENET_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
 
@@ -169,7 +169,7 @@ def test_export_refuses_to_overwrite_its_input(capsys, run_dir, tmp_path):
 
 def test_exit_status_of_a_real_process(run_dir, tmp_path):
     """The status is the process's, and no traceback reaches the terminal."""
-    proc = subprocess.run([sys.executable, "-m", "probmask.deploy_cli", "eval", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "probmask.app.deploy_cli", "eval", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "has no model.pt" in proc.stderr
@@ -177,7 +177,7 @@ def test_exit_status_of_a_real_process(run_dir, tmp_path):
 
 def test_end_to_end_through_probmask_run(tmp_path, capsys):
     """A real (tiny) ``probmask run``, then ``probmask eval`` / ``export`` on its directory."""
-    from probmask.cli import main as probmask_main
+    from probmask.app.cli import main as probmask_main
 
     out = tmp_path / "run"
     code = probmask_main(["run", "--out", str(out), "--quiet", "train.epochs=1", "finetune.epochs=1",

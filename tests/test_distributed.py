@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from probmask.distributed import DistContext, ShardSampler
-from probmask.errors import UserError
+from probmask.app.distributed import DistContext, ShardSampler
+from probmask.app.errors import UserError
 from runner_util import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,8 +154,8 @@ def test_shard_sampler_partitions_the_data_exactly():
 
 
 def test_global_batch_must_split_evenly(tmp_path):
-    from probmask.config import load_config
-    from probmask.runner import Experiment
+    from probmask.app.config import load_config
+    from probmask.app.runner import Experiment
 
     cfg = load_config(None, [*TINY, "train.batch_size=63"])
     with pytest.raises(UserError, match="train.batch_size=63 is the global batch and must be divisible by the "

@@ -90,7 +90,7 @@ def test_float32_flat_sampling_matches_float64_specification(monkeypatch):
     """The fused float32 PyTorch path (one log of the odds product, capped) against the
     specification in float64, on the same noise, at scores 0, 1, tiny and interior, and
     temperatures 1 to 33. (tests/test_native.py holds the compiled kernels to the same.)"""
-    from probmask import native
+    from probmask.kernels import cpu as native
     from probmask.masks import relaxed_masked_weights
 
     monkeypatch.setenv(native.ENV, "0")

@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (probmask._kernels via probmask.native) against the PyTorch way."""
+"""The compiled CPU kernels (probmask.kernels._cpu via probmask.kernels.cpu) against the PyTorch way."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import probmask
-from probmask import native
+from probmask.kernels import cpu as native
 from probmask.masks import EPS, relaxed_mask, relaxed_masked_weights
 
 needs_kernels = pytest.mark.skipif(not native.available(), reason="the compiled kernels are not built")
@@ -25,7 +25,7 @@ def test_kernels_are_built_where_they_can_be():
     compiler = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
     if not (headers and compiler):
         pytest.skip("no C compiler or no Python headers: the PyTorch way is used")
-    assert native.available(), "probmask._kernels did not build: run `pip install -e .` and read its output"
+    assert native.available(), "probmask.kernels._cpu did not build: run `pip install -e .` and read its output"
 
 
 @needs_kernels
@@ -223,7 +223,7 @@ def test_loading_the_kernels_keeps_subnormal_arithmetic():
     """The module is built without -ffast-math, whose start-up code (linked by older GCC
     versions) would set flush-to-zero for the whole process and change PyTorch's results."""
     code = (
-        "import torch, probmask.native as n; assert n.available(); "
+        "import torch, probmask.kernels.cpu as n; assert n.available(); "
         "x = torch.tensor([1e-39]) * 0.5; assert float(x) > 0, float(x)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

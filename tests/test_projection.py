@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probmask import native, projection
+from probmask import projection
+from probmask.kernels import cpu as native
 from probmask.projection import project, project_
 
 

@@ -18,12 +18,12 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from probmask.cli import main
-from probmask.config import config_to_dict, load_config
-from probmask.data import load_data
-from probmask.errors import UserError
-from probmask.models import build_model
-from probmask.runner import Experiment, load_model, run_experiment
+from probmask.app.cli import main
+from probmask.app.config import config_to_dict, load_config
+from probmask.app.data import load_data
+from probmask.app.errors import UserError
+from probmask.app.models import build_model
+from probmask.app.runner import Experiment, load_model, run_experiment
 from probmask.schedules import CubicBudget, TemperatureSchedule
 from runner_util import TINY, write_cifar, write_image_folder
 
@@ -327,7 +327,7 @@ def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
 
 def test_another_method_plugs_into_the_runner(tmp_path, monkeypatch):
     """The Method interface is enough for a baseline: dense training, then one-shot magnitude pruning."""
-    from probmask import methods
+    from probmask.app import methods
     from probmask.report import LayerReport, Report
 
     class OneShotMagnitude(methods.Method):
@@ -383,7 +383,7 @@ def test_another_method_plugs_into_the_runner(tmp_path, monkeypatch):
 def test_an_empty_test_set_is_a_user_error(tmp_path, monkeypatch):
     from torch.utils.data import TensorDataset
 
-    from probmask import data
+    from probmask.app import data
 
     def tiny_data(cfg):
         train = TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))

@@ -1,5 +1,5 @@
 """``python -m probmask``: the same as the ``probmask`` command."""
 
-from probmask.cli import main
+from probmask.app.cli import main
 
 raise SystemExit(main())

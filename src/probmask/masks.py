@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from probmask import native
+from probmask.kernels import cpu as native
 from probmask.numerics import EPS
 from probmask.numerics import limits as _limits
 
@@ -149,7 +149,7 @@ class _RelaxedMaskedWeights(torch.autograd.Function):
 
 class _NativeRelaxedMaskedWeights(torch.autograd.Function):
     """The same as :class:`_RelaxedMaskedWeights` with the compiled CPU kernels (see
-    :mod:`probmask.native`): one pass per layer forward and one backward. Nothing full-size is
+    :mod:`probmask.kernels.cpu`): one pass per layer forward and one backward. Nothing full-size is
     saved for backward beyond the inputs: the backward pass regenerates the counter-based noise
     from the key and recomputes the logits."""
 
@@ -182,7 +182,7 @@ def relaxed_masked_weights(
     ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``;
     the noise is one flat draw in that order (on the CPU, the same numbers as one draw per layer
     in turn). Float32 CPU tensors go through the compiled kernels when they are built (see
-    :mod:`probmask.native`: the same maths with counter-based noise), the rest through PyTorch
+    :mod:`probmask.kernels.cpu`: the same maths with counter-based noise), the rest through PyTorch
     operations.
     ``work`` is an optional kept scratch tensor shaped like ``scores``, used only by the PyTorch
     way during the forward and the backward call (never across them).

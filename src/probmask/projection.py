@@ -22,7 +22,7 @@ On an accelerator the iterations run in blocks without any host synchronisation;
 synchronisation per block checks convergence (and NaN/inf). On the CPU, where reading a result
 is free, convergence is checked after every step, the scalar arithmetic runs in numpy, and each
 pass goes through the scores in cache-sized chunks instead of through a full-size temporary; with
-the compiled kernels (:mod:`probmask.native`) an evaluation of float32 scores is one read of each
+the compiled kernels (:mod:`probmask.kernels.cpu`) an evaluation of float32 scores is one read of each
 layer that returns both sums.
 """
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from probmask import native
+from probmask.kernels import cpu as native
 
 __all__ = ["ProjectionResult", "project", "project_", "work_buffer"]
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from probmask import native
 from probmask.fixing import sample_mask, topk_mask
+from probmask.kernels import cpu as native
 from probmask.masks import (
     MaskMode,
     MaskParametrization,
@@ -236,7 +236,7 @@ class ProbMask:
     def _workspace(self) -> Tensor:
         """One kept scratch tensor shaped like the scores, for the masks' and the projection's
         full-size temporaries (they never run at the same time) when they run as PyTorch
-        operations; the compiled kernels need none (see :mod:`probmask.native`)."""
+        operations; the compiled kernels need none (see :mod:`probmask.kernels.cpu`)."""
         if self._buffer is None or self._buffer.device != self.scores.device:
             self._buffer = torch.empty_like(self.scores, requires_grad=False)
         return self._buffer

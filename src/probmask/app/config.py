@@ -19,7 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from probmask.errors import UserError
+from probmask.app.errors import UserError
 
 __all__ = [
     "DataConfig",
@@ -39,7 +39,7 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    name: str = "lenet300"  # a registered model (see probmask.models) or "torchvision:NAME"
+    name: str = "lenet300"  # a registered model (see probmask.app.models) or "torchvision:NAME"
     width: int | None = None  # base channel width: resnet32 32 (16 = classic), vgg19_bn 64; None = default
     options: dict[str, Any] = field(default_factory=dict)  # further keyword arguments of the model builder
 
@@ -71,7 +71,7 @@ class TrainConfig:
 
 @dataclass
 class PruneConfig:
-    method: str = "probmask"  # a registered method (see probmask.methods)
+    method: str = "probmask"  # a registered method (see probmask.app.methods)
     sparsity: float = 0.99  # fraction of prunable weights removed, in (0, 1)
     freeze_weights: bool = False  # supermask mode: only the scores train, weights stay at init
     fix: str = "topk"  # how the final mask is fixed: "topk" (highest scores) or "sample" (best of N)

@@ -1,6 +1,6 @@
 """The optional compiled CPU kernels, and when probmask uses them.
 
-``probmask._kernels`` (C, ``src/probmask/_kernels.c``) fuses the hot loops of a training step
+``probmask.kernels._cpu`` (C, ``src/probmask/_kernels.c``) fuses the hot loops of a training step
 on the CPU into single passes over memory: the relaxed mask's forward pass (noise, logits, mask,
 times the weight), its backward pass (both gradients, regenerating the noise instead of keeping
 the logits: no full-size tensor is saved between the passes) and one evaluation of the
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 try:
-    from probmask import _kernels
+    from probmask.kernels import _cpu as _kernels
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 

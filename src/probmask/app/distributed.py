@@ -5,7 +5,7 @@ collective operations the runner needs. The single-process context (the default)
 of them into a no-op, so the runner has one code path. Nothing here is global: the CLI builds the
 context from torchrun's environment variables with :meth:`DistContext.from_env` and passes it on.
 
-What the runner does with it (see :mod:`probmask.runner`): the model's trainable parameters are
+What the runner does with it (see :mod:`probmask.app.runner`): the model's trainable parameters are
 wrapped in ``DistributedDataParallel``; gradients of parameters outside the module (a method's
 scores) are averaged here with :meth:`DistContext.average_gradients`, so that every rank takes the
 identical optimizer step and the projection sees identical scores; metrics are summed across
@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from probmask.errors import UserError
+from probmask.app.errors import UserError
 
 __all__ = ["DistContext", "ShardSampler"]
 

@@ -3,7 +3,7 @@
 Subcommands are added by registrars, functions ``register(subparsers)`` that add one or more
 parsers and set ``func`` (called with the parsed arguments, returning the exit status). ``run``
 is registered here; modules named in ``PLUGIN_MODULES`` contribute theirs when they exist. A
-:class:`probmask.errors.UserError` raised by any subcommand is printed as one line on stderr and
+:class:`probmask.app.errors.UserError` raised by any subcommand is printed as one line on stderr and
 the exit status is 2.
 """
 
@@ -18,15 +18,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probmask.errors import UserError
+from probmask.app.errors import UserError
 
 if TYPE_CHECKING:  # the runner (torch, data, models) is imported only when a run starts
-    from probmask.runner import RunResult
+    from probmask.app.runner import RunResult
 
 __all__ = ["PLUGIN_MODULES", "REGISTRARS", "build_parser", "main"]
 
 Registrar = Callable[[Any], None]  # register(subparsers) with argparse's subparsers action
-PLUGIN_MODULES = ("probmask.deploy_cli",)  # each may expose register(subparsers)
+PLUGIN_MODULES = ("probmask.app.deploy_cli",)  # each may expose register(subparsers)
 RUN_EPILOG = """\
 examples:
   probmask run                                        the default job: LeNet-300-100, mnist5k, 99%
@@ -102,8 +102,8 @@ def default_run_dir(cfg: Any) -> Path:
 
 def _resolve_run(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     """(config, run directory, resume?) from the arguments; refuses mismatched combinations."""
-    from probmask.config import config_diff, load_config
-    from probmask.runner import CONFIG
+    from probmask.app.config import config_diff, load_config
+    from probmask.app.runner import CONFIG
 
     if args.resume is None:
         cfg = load_config(args.config, args.overrides)
@@ -155,9 +155,9 @@ def format_summary(result: RunResult) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     """Under ``torchrun --nproc_per_node=N`` every process runs this: rank 0 resolves the config
     and the run directory for all, logs, writes the files and prints the summary."""
-    from probmask.config import config_to_yaml
-    from probmask.distributed import DistContext
-    from probmask.runner import run_experiment
+    from probmask.app.config import config_to_yaml
+    from probmask.app.distributed import DistContext
+    from probmask.app.runner import run_experiment
 
     dist = DistContext.from_env()
     try:

@@ -8,7 +8,7 @@ it calls :meth:`Method.fix`, finetunes the weights under the fixed mask, and
 gradual magnitude pruning, ...) subclasses :class:`Method` and registers itself with
 :func:`register_method`; ``prune.method`` in the config then names it. The baselines
 (``dense``, ``gmp``, ``gmp_uniform``, ``oneshot``, ``random``, ``edgepopup``) live in
-:mod:`probmask.baselines`, imported at the end of this module so that the registry always has them.
+:mod:`probmask.app.baselines`, imported at the end of this module so that the registry always has them.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from probmask.config import PruneConfig
-from probmask.errors import UserError
+from probmask.app.config import PruneConfig
+from probmask.app.errors import UserError
 from probmask.report import Report
 from probmask.schedules import CubicBudget, TemperatureSchedule
 from probmask.sparsifier import ProbMask, accumulate_samples
@@ -202,4 +202,4 @@ class ProbMaskMethod(Method):
 
 
 # the baselines register themselves with register_method; imported last, once Method exists
-from probmask import baselines as _baselines  # noqa: E402,F401
+from probmask.app import baselines as _baselines  # noqa: E402,F401

@@ -5,7 +5,7 @@
 model, a corrupted or truncated file, a file for another architecture, a missing export
 dependency) prints one line to stderr and returns 2, without a traceback.
 
-``python -m probmask.deploy_cli export|eval ...`` runs them without the rest of the CLI.
+``python -m probmask.app.deploy_cli export|eval ...`` runs them without the rest of the CLI.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def _source_file(source: str) -> Path:
 
 def _rebuild(ckpt: Checkpoint, where: Path) -> nn.Module:
     """Build the architecture named in the metadata and load the weights into it."""
-    from probmask.errors import UserError
-    from probmask.models import build_model, check_input
+    from probmask.app.errors import UserError
+    from probmask.app.models import build_model, check_input
 
     meta = ckpt.meta
     missing = [k for k in ("model", "num_classes", "input_shape") if k not in meta]
@@ -167,9 +167,9 @@ def _test_batches(ckpt: Checkpoint, data_root: str | None, batch_size: int) -> A
     """The run's test set as a DataLoader, or a reason why it is not available."""
     from torch.utils.data import DataLoader
 
-    from probmask.config import config_from_dict
-    from probmask.data import load_data
-    from probmask.errors import UserError
+    from probmask.app.config import config_from_dict
+    from probmask.app.data import load_data
+    from probmask.app.errors import UserError
 
     config = ckpt.meta.get("config")
     if not isinstance(config, dict):
@@ -238,7 +238,7 @@ def _guard(command: str, run: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m probmask.deploy_cli``: the two commands without the rest of the CLI."""
+    """``python -m probmask.app.deploy_cli``: the two commands without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="probmask", description=__doc__.split("\n")[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -453,8 +453,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kernels", "Optional compiled CPU kernels of probmask (see probmask.native).", -1,
+    PyModuleDef_HEAD_INIT, "_cpu", "Optional compiled CPU kernels of probmask (see probmask.native).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&module); }

@@ -5,7 +5,7 @@ paper's widths 32-64-128; ``width=16`` gives the classic 16-32-64), ``vgg19_bn``
 inputs, and ``torchvision:NAME`` for any torchvision classification model (built with
 ``weights=None``: nothing is ever downloaded). Every builder takes ``num_classes`` and
 ``input_shape`` (one example, ``[C, H, W]``) plus its own keyword options; the same call rebuilds
-a saved model from the ``meta`` block of ``model.pt`` (see :mod:`probmask.runner`).
+a saved model from the ``meta`` block of ``model.pt`` (see :mod:`probmask.app.runner`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from probmask.errors import UserError
+from probmask.app.errors import UserError
 
 __all__ = [
     "TORCHVISION_PREFIX",

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from probmask.config import DataConfig
-from probmask.errors import UserError
+from probmask.app.config import DataConfig
+from probmask.app.errors import UserError
 
 __all__ = ["DataSplits", "dataset_names", "load_data", "register_dataset"]
 

@@ -7,7 +7,7 @@ schedules moved once per epoch; every epoch ends with a test pass using hard sam
 Then the mask is fixed, the weights are finetuned under it, and the model is finalized.
 
 Under ``torchrun --nproc_per_node=N -m probmask run ...`` the same runs on N processes with
-``DistributedDataParallel`` (see :class:`Experiment` and :mod:`probmask.distributed`):
+``DistributedDataParallel`` (see :class:`Experiment` and :mod:`probmask.app.distributed`):
 ``train.batch_size`` is the global batch, the scores stay identical on every rank after every
 step, and rank 0 alone writes the run directory below.
 
@@ -49,8 +49,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from probmask import export
-from probmask.atomic_io import atomic_write_file
-from probmask.config import (
+from probmask.app.config import (
     ExperimentConfig,
     config_diff,
     config_from_dict,
@@ -58,12 +57,13 @@ from probmask.config import (
     config_to_yaml,
     validate,
 )
-from probmask.data import DataSplits, load_data
-from probmask.distributed import DistContext, ShardSampler
-from probmask.errors import UserError
-from probmask.methods import Method, build_method, method_class
-from probmask.models import build_model, check_input, check_model_name
-from probmask.plots import plot_layer_density, plot_training
+from probmask.app.data import DataSplits, load_data
+from probmask.app.distributed import DistContext, ShardSampler
+from probmask.app.errors import UserError
+from probmask.app.methods import Method, build_method, method_class
+from probmask.app.models import build_model, check_input, check_model_name
+from probmask.app.plots import plot_layer_density, plot_training
+from probmask.atomic_io import atomic_write_file
 from probmask.report import LayerReport, Report
 
 __all__ = [
@@ -142,7 +142,7 @@ def save_model(path: str | Path, model: nn.Module, masks: Mapping[str, Tensor], 
       dicts), and the mask statistics ``kept``, ``total``, ``sparsity``, ``layers`` and
       ``format_version`` added by :mod:`probmask.export`.
 
-    Rebuild with ``probmask.models.build_model(meta["model"], meta["num_classes"],
+    Rebuild with ``probmask.app.models.build_model(meta["model"], meta["num_classes"],
     meta["input_shape"], **meta["model_options"])`` and ``load_state_dict`` (or :func:`load_model`).
     """
     export.save_pt(export.Checkpoint(model.state_dict(), dict(masks), dict(meta)), path)
@@ -203,7 +203,7 @@ class Experiment:
     ``progress`` shows a tqdm bar per epoch; ``on_epoch_end`` is called with each epoch's metrics
     after its checkpoint is written (an extension point; raising from it stops the run there).
 
-    ``dist`` places this process among several (``torchrun``; see :mod:`probmask.distributed`):
+    ``dist`` places this process among several (``torchrun``; see :mod:`probmask.app.distributed`):
     ``train.batch_size`` is then the global batch, split evenly across the processes; the
     module's trainable parameters are wrapped in ``DistributedDataParallel`` and the method's
     other parameters (its scores) get their gradients averaged, so every process takes the same
@@ -719,5 +719,5 @@ class Experiment:
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = False,
                    on_epoch_end: EpochHook | None = None, dist: DistContext | None = None) -> RunResult:
     """Build the experiment for ``cfg`` and run it into ``run_dir`` (see the module docstring);
-    ``dist``: this process's place among several (:class:`probmask.distributed.DistContext`)."""
+    ``dist``: this process's place among several (:class:`probmask.app.distributed.DistContext`)."""
     return Experiment(cfg, run_dir, progress=progress, on_epoch_end=on_epoch_end, dist=dist).run(resume=resume)

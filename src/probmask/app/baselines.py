@@ -1,4 +1,4 @@
-"""Baseline methods behind the :class:`~probmask.methods.Method` interface (``prune.method=NAME``).
+"""Baseline methods behind the :class:`~probmask.app.methods.Method` interface (``prune.method=NAME``).
 
 * ``dense`` -- no pruning: the accuracy ceiling (``prune.sparsity`` is ignored, nothing is cut).
 * ``gmp`` -- gradual magnitude pruning (Zhu & Gupta 2017) with ONE global magnitude threshold
@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from probmask.config import PruneConfig
+from probmask.app.config import PruneConfig
+from probmask.app.methods import Method, register_method
 from probmask.fixing import topk_mask
-from probmask.methods import Method, register_method
 from probmask.report import LayerReport, Report
 from probmask.schedules import CubicBudget
 from probmask.selection import select_targets

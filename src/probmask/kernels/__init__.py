@@ -1,0 +1,1 @@
+"""The fused kernels of the relaxed mask and of the projection."""
