@@ -72,10 +72,19 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
+def _buffer(t: Tensor):
+    """A zero-copy NumPy view of a CPU tensor, the form the kernels take: they check its dtype,
+    layout and length themselves and raise TypeError or ValueError for anything else."""
+    try:
+        return t.numpy()
+    except RuntimeError:  # it requires grad (checking that first would cost every call)
+        return t.detach().numpy()
+
+
 def uniform(n: int, seed: int, offset: int = 0) -> Tensor:
     """The kernels' uniforms in [0, 1) of flat indices ``offset .. offset + n`` under ``seed``."""
     out = torch.empty(n, dtype=torch.float32)
-    _kernels_module().uniform(out.data_ptr(), n, offset, seed)
+    _kernels_module().uniform(out.numpy(), offset, seed)
     return out
 
 
@@ -90,16 +99,14 @@ def relaxed_forward(
     """``w_l * m_l`` for every layer, m the relaxed masks of the flat ``scores`` (float32, CPU)."""
     k, threads = _kernels_module(), _threads()
     cap, mask_min, dmask_min = limits
-    outs, offset, sp = [], 0, scores.data_ptr()
+    outs, offset, sb = [], 0, _buffer(scores)
     for w in weights:
-        n = w.numel()
         out = torch.empty_like(w)
         k.relaxed_forward(
-            sp + 4 * offset, w.data_ptr(), out.data_ptr(), n, offset, seed,
-            temperature, cap, mask_min, dmask_min, threads,
+            sb, _buffer(w), out.numpy(), offset, seed, temperature, cap, mask_min, dmask_min, threads
         )
         outs.append(out)
-        offset += n
+        offset += w.numel()
     return outs
 
 
@@ -117,21 +124,19 @@ def relaxed_backward(
     k, threads = _kernels_module(), _threads()
     cap, mask_min, dmask_min = limits
     grad_s = torch.empty_like(scores) if need_scores else None
+    gsb = None if grad_s is None else grad_s.numpy()
     grad_ws: list[Tensor | None] = []
-    offset, sp = 0, scores.data_ptr()
+    offset, sb = 0, _buffer(scores)
     for w, g, need_w in zip(weights, grads, need_weights):
-        n = w.numel()
         g = g.contiguous() if g.dtype == torch.float32 else g.float().contiguous()
         gw = torch.empty_like(w) if need_w else None
-        if gw is not None or grad_s is not None:
+        if gw is not None or gsb is not None:
             k.relaxed_backward(
-                sp + 4 * offset, w.data_ptr(), g.data_ptr(),
-                0 if gw is None else gw.data_ptr(),
-                0 if grad_s is None else grad_s.data_ptr() + 4 * offset,
-                n, offset, seed, temperature, cap, mask_min, dmask_min, threads,
+                sb, _buffer(w), _buffer(g), None if gw is None else gw.numpy(), gsb,
+                offset, seed, temperature, cap, mask_min, dmask_min, threads,
             )
         grad_ws.append(gw)
-        offset += n
+        offset += w.numel()
     return grad_s, grad_ws
 
 
@@ -142,4 +147,4 @@ def clamp_sums(src: Tensor, c: float) -> tuple[float, float, float]:
     float64, about as accurate as PyTorch's float32 sum (the projection's stopping rule relies
     on that).
     """
-    return _kernels_module().clamp_sums(src.data_ptr(), src.numel(), c, _threads())
+    return _kernels_module().clamp_sums(_buffer(src), c, _threads())
