@@ -9,7 +9,7 @@ scores at 0 and the rest spread over (0, 1], as in training at 99% sparsity), ti
 - one projection evaluation: per-layer sum(clamp(s - c, 0, 1)) and #{s > c} (``_Plan.sums_all``,
   including setting up the plan, as every projection does);
 
-each with the compiled kernels (``probmask.kernels._cpu``) and the PyTorch way (``PROBMASK_NATIVE=0``),
+each with the compiled kernels (``probmask.kernels._cpu``) and the PyTorch way (``probmask.kernels.use(fused=False)``),
 median over repetitions, interleaved. Prints milliseconds and the ratio.
 
 Usage: python benchmarks/kernels.py [--model lenet300|resnet32] [--reps N] [--threads N]
@@ -18,7 +18,6 @@ Usage: python benchmarks/kernels.py [--model lenet300|resnet32] [--reps N] [--th
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -64,39 +63,30 @@ def main() -> None:
         f"{scores.numel():,} scores in {len(sizes)} layers"
     )
 
-    def forward() -> None:
-        relaxed_masked_weights(scores, weights, 2.0, work)
+    def forward(fused: bool) -> None:
+        relaxed_masked_weights(scores, weights, 2.0, work, fused=fused)
 
-    def forward_backward() -> None:
-        outs = relaxed_masked_weights(scores, weights, 2.0, work)
+    def forward_backward(fused: bool) -> None:
+        outs = relaxed_masked_weights(scores, weights, 2.0, work, fused=fused)
         loss = sum((o * g).sum() for o, g in zip(outs, upstream))
         torch.autograd.grad(loss, [scores, *weights])
 
-    def evaluation() -> None:
-        plan = _Plan(scores.detach(), sizes, work)  # (the PyTorch way uses the kept buffer)
+    def evaluation(fused: bool) -> None:
+        plan = _Plan(scores.detach(), sizes, work, fused=fused, host=True)  # (the PyTorch way uses the kept buffer)
         plan.sums_all(0.01, check=True)
 
     parts = {"mask forward": forward, "mask forward + backward": forward_backward, "projection evaluation": evaluation}
-    ways = {"kernels": "1", "PyTorch": "0"}
-    before = os.environ.get(native.ENV)
-    try:
-        for name, fn in parts.items():
-            times: dict[str, list[float]] = {w: [] for w in ways}
-            for _ in range(5):  # warm-up
-                for value in ways.values():
-                    os.environ[native.ENV] = value
-                    fn()
-            for _ in range(args.reps):
-                for way, value in ways.items():
-                    os.environ[native.ENV] = value
-                    times[way].append(timed(fn))
-            k, p = (statistics.median(times[w]) * 1e3 for w in ways)
-            print(f"  {name:24s} kernels {k:8.3f} ms   PyTorch {p:8.3f} ms   PyTorch / kernels {p / k:5.1f}x")
-    finally:
-        if before is None:
-            os.environ.pop(native.ENV, None)
-        else:
-            os.environ[native.ENV] = before
+    ways = {"kernels": True, "PyTorch": False}
+    for name, fn in parts.items():
+        times: dict[str, list[float]] = {w: [] for w in ways}
+        for _ in range(5):  # warm-up
+            for fused in ways.values():
+                fn(fused)
+        for _ in range(args.reps):
+            for way, fused in ways.items():
+                times[way].append(timed(lambda fn=fn, fused=fused: fn(fused)))
+        k, p = (statistics.median(times[w]) * 1e3 for w in ways)
+        print(f"  {name:24s} kernels {k:8.3f} ms   PyTorch {p:8.3f} ms   PyTorch / kernels {p / k:5.1f}x")
 
 
 if __name__ == "__main__":

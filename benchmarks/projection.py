@@ -22,7 +22,7 @@ host sync per step and a stopping tolerance, is timed too. For both, the constra
 |sum(s) - k| / k is computed in float64 after projecting.
 
 Usage: python benchmarks/projection.py [--quick] [--device cpu|cuda] [--reps N] [--threads N]
-       PROBMASK_NATIVE=0 python benchmarks/projection.py ...   # the PyTorch way, without the compiled kernels
+       PROBMASK_KERNELS=0 python benchmarks/projection.py ...   # the PyTorch way, without the compiled kernels
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torchvision
 from torch import nn
 
 import probmask
+from probmask import kernels
 from probmask.app.models import build_model
 from probmask.kernels import cpu as native
 
@@ -107,10 +108,10 @@ def score_states(pm: probmask.ProbMask, gen: torch.Generator) -> tuple[torch.Ten
     """(the scores after an Adam-like step, the threshold of the step before: the warm start)."""
     keep = pm.budget / pm.total
     parts = []
-    weights = torch.randn(len(pm.sizes), generator=gen).exp()  # log-normal spread of the densities
-    sizes = torch.tensor(pm.sizes, dtype=torch.float64)
+    weights = torch.randn(len(pm.layout.sizes), generator=gen).exp()  # log-normal spread of the densities
+    sizes = torch.tensor(pm.layout.sizes, dtype=torch.float64)
     densities = (keep * pm.total * weights / (weights * sizes).sum()).clamp(max=1.0).tolist()
-    for size, d in zip(pm.sizes, densities):  # ~0.7 d of a layer's scores at 1, ~0.6 d spread, rest 0
+    for size, d in zip(pm.layout.sizes, densities):  # ~0.7 d of a layer's scores at 1, ~0.6 d spread, rest 0
         u = torch.rand(size, generator=gen)
         part = torch.zeros(size)
         part[u < 0.7 * d] = 1.0
@@ -118,12 +119,12 @@ def score_states(pm: probmask.ProbMask, gen: torch.Generator) -> tuple[torch.Ten
         part[spread] = torch.rand(int(spread.sum()), generator=gen)
         parts.append(part)
     state = torch.cat(parts)
-    probmask.project_(state, pm.budget, sizes=pm.sizes, floors=pm.floors)  # a feasible state
+    probmask.project_(state, pm.budget, sizes=pm.layout.sizes, floors=pm.floors)  # a feasible state
     threshold = 0.0
     for step in range(2):  # two training-like steps; the first one's threshold is the warm start
         state.add_(torch.randn(pm.total, generator=gen).add_(0.3).clamp_(-1, 1).mul_(LR))
         if step == 0:
-            threshold = probmask.project_(state, pm.budget, sizes=pm.sizes, floors=pm.floors).threshold
+            threshold = probmask.project_(state, pm.budget, sizes=pm.layout.sizes, floors=pm.floors).threshold
     return state, threshold
 
 
@@ -139,9 +140,9 @@ def bench_model(name: str, model: nn.Module, keep: float, reps: int, device: tor
     gen = torch.Generator().manual_seed(0)
     state, prev_v = score_states(pm, gen)
     state = state.to(device)
-    layers = [t.clone().view(shape) for t, shape in zip(state.split(pm.sizes), pm.shapes)]
+    layers = [t.clone().view(shape) for t, shape in zip(state.split(pm.layout.sizes), pm.layout.weight_shapes)]
     print(
-        f"\n{name}: {pm.total:,} scores in {len(pm.sizes)} layers, keep {keep:.0%} "
+        f"\n{name}: {pm.total:,} scores in {len(pm.layout.sizes)} layers, keep {keep:.0%} "
         f"(k = {k:,.0f}), floors sum {sum(pm.floors):,}"
     )
     print(
@@ -151,7 +152,7 @@ def bench_model(name: str, model: nn.Module, keep: float, reps: int, device: tor
     )
 
     def reset_layers() -> None:
-        for dst, src in zip(layers, state.split(pm.sizes)):
+        for dst, src in zip(layers, state.split(pm.layout.sizes)):
             dst.view(-1).copy_(src)
 
     def setup(start: float) -> None:
@@ -169,7 +170,7 @@ def bench_model(name: str, model: nn.Module, keep: float, reps: int, device: tor
         pm.project()
         with torch.no_grad():
             flat = state.clone()
-            result = probmask.project_(flat, k, sizes=pm.sizes, floors=pm.floors, start=start)
+            result = probmask.project_(flat, k, sizes=pm.layout.sizes, floors=pm.floors, start=start)
             assert torch.equal(flat, pm.scores.detach())
         checks[label] = (violation(float(pm.scores.detach().double().sum()), k), result)
 
@@ -210,7 +211,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f"; compiled CPU kernels: {'on' if native.enabled() else 'off'}"
+        + f"; compiled CPU kernels: {'on' if kernels.settings().fused and native.available() else 'off'}"
         + ("" if native.available() else " (not built)")
     )
     for name, make, reps in (("LeNet-300-100", lenet, 50), ("ResNet-50", resnet50, 11)):

@@ -26,7 +26,7 @@ exist) and, separately, its value when that step begins (persistent state).
 
 Usage: python benchmarks/step.py [--quick] [--device cpu|cuda] [--models lenet,resnet32]
        [--width 32] [--reps N] [--threads N]
-       PROBMASK_NATIVE=0 python benchmarks/step.py ...   # the PyTorch way instead of the compiled kernels
+       PROBMASK_KERNELS=0 python benchmarks/step.py ...   # the PyTorch way instead of the compiled kernels
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import probmask
+from probmask import kernels
 from probmask.app.models import build_model
 from probmask.kernels import cpu as native
 
@@ -152,7 +153,7 @@ def bench(name: str, width: int, reps: int, warmup: int, device: torch.device) -
     masked = Setup(name, width, False, device)
     assert masked.pm is not None
     label = "LeNet-300-100 (batch 128)" if name == "lenet" else f"ResNet-32 {width}-{2 * width}-{4 * width} (batch 64)"
-    print(f"\n{label}: {masked.pm.total:,} prunable weights in {len(masked.pm.sizes)} tensors")
+    print(f"\n{label}: {masked.pm.total:,} prunable weights in {len(masked.pm.layout.sizes)} tensors")
     runs = {"dense": lambda: dense.step(), "K=1": lambda: masked.step(1), "K=2": lambda: masked.step(2)}
     for _ in range(warmup):
         for fn in runs.values():
@@ -191,7 +192,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f"; compiled CPU kernels: {'on' if native.enabled() else 'off'}"
+        + f"; compiled CPU kernels: {'on' if kernels.settings().fused and native.available() else 'off'}"
         + ("" if native.available() else " (not built)")
     )
     for name in args.models.split(","):

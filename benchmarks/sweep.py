@@ -1,7 +1,7 @@
 """Accuracy against sparsity: methods x sparsities x seeds on one config (issue 4).
 
 Every run is an ordinary ``probmask run`` run directory under ``OUT/runs/<method>/s<sparsity>/
-seed<seed>``, made with :func:`probmask.app.runner.run_experiment`; a run whose ``results.json``
+seed<seed>``, made with :func:`probmask.app.experiment.run_experiment`; a run whose ``results.json``
 exists is reused, an interrupted one (``checkpoint.pt`` only) is resumed, so the sweep can be
 stopped and restarted at any time. ``dense`` does not depend on the sparsity and runs once per
 seed. Runs go to ``--jobs`` worker processes (one CPU thread each by the config's ``threads``);
@@ -76,8 +76,9 @@ def _one_run(job: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or reuse) one run directory; returns its results.json plus timing."""
     import yaml
 
+    from probmask.app.artifacts import CHECKPOINT, CONFIG, RESULTS
     from probmask.app.config import config_diff, config_from_dict, load_config
-    from probmask.app.runner import CHECKPOINT, CONFIG, RESULTS, run_experiment
+    from probmask.app.experiment import run_experiment
 
     run_dir = Path(job["run_dir"])
     cfg = load_config(job["config"], job["overrides"])

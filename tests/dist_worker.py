@@ -16,7 +16,7 @@ import torch
 
 from probmask.app.config import load_config
 from probmask.app.distributed import DistContext
-from probmask.app.runner import Experiment
+from probmask.app.experiment import Experiment
 from probmask.sparsifier import accumulate_samples
 from runner_util import TINY
 
@@ -29,16 +29,16 @@ class Stop(Exception):
 
 
 def score_hashes(exp: Experiment) -> list[str]:
-    """Records a hash of the scores after every projection (the method's after_step)."""
+    """Records a hash of the scores after every projection (the method's step)."""
     hashes: list[str] = []
-    original = exp.method.after_step
+    original = exp.method.step
 
-    def after_step() -> None:
+    def step() -> None:
         original()
-        scores = exp.method.pm.scores.detach()  # type: ignore[attr-defined]
+        scores = exp.method.scores.detach()  # type: ignore[attr-defined]
         hashes.append(hashlib.sha256(scores.numpy().tobytes()).hexdigest())
 
-    exp.method.after_step = after_step  # type: ignore[method-assign]
+    exp.method.step = step  # type: ignore[method-assign]
     return hashes
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         noise_state = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()  # per rank
         hashes = score_hashes(straight)
         result = straight.run()
-        pm = straight.method.pm  # type: ignore[attr-defined]
+        pm = straight.method  # type: ignore[attr-defined]
 
         def stop(record: dict) -> None:
             if record["phase"] == "main" and record["epoch"] == 0:
@@ -72,7 +72,7 @@ def main() -> None:
             exp.method.backward = lambda loss_fn, samples, count=count: accumulate_samples(  # type: ignore[method-assign]
                 loss_fn, count)
             exp.run()
-            passes[count] = exp.method.pm.scores.detach().clone()  # type: ignore[attr-defined]
+            passes[count] = exp.method.scores.detach().clone()  # type: ignore[attr-defined]
         # batch norm: running statistics follow each rank's batches; rank 0's are broadcast
         bn_cfg = load_config(None, ["model.name=resnet32", "model.width=2", "data.train_size=128",
                                     "data.test_size=32", "train.batch_size=32", "train.epochs=1",

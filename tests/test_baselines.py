@@ -13,9 +13,9 @@ import torch
 from probmask.app.baselines import uniform_counts
 from probmask.app.config import load_config
 from probmask.app.errors import UserError
-from probmask.app.methods import build_method, method_names
+from probmask.app.experiment import Experiment, run_experiment
+from probmask.app.methods import METHODS, build_method
 from probmask.app.models import build_model
-from probmask.app.runner import Experiment, run_experiment
 from runner_util import TINY
 
 # 0.8 rather than TINY's 0.9: a random mask of the narrow tiny net must still connect input to output
@@ -50,7 +50,7 @@ def runs(one_thread, tmp_path_factory):
 
 
 def test_every_baseline_is_registered():
-    assert set(BASELINES) | {"probmask"} <= set(method_names())
+    assert set(BASELINES) | {"probmask"} <= set(METHODS.names())
 
 
 @pytest.mark.parametrize("method", BASELINES)
@@ -134,7 +134,8 @@ def test_gmp_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["prune.method=edgepopup"], "set prune.freeze_weights=true"),
     (["prune.method=gmp", "prune.freeze_weights=true"], "set prune.freeze_weights=false"),
-    (["prune.method=gmp", "prune.sparsity=0.99999"], "fewer than one per prunable layer"),
+    (["prune.method=gmp", "prune.sparsity=0.99999"], "keeps none"),
+    (["prune.method=gmp_uniform", "prune.sparsity=0.9999", "prune.floor=null"], "at least one in each"),
     (["prune.method=oneshot", "prune.floor=2000"], "floors keep"),
 ])
 def test_bad_settings_are_user_errors(overrides, message):

@@ -13,8 +13,8 @@ import torch
 
 from deploy_util import prune
 from probmask import export
+from probmask.app.cli import main
 from probmask.app.config import config_to_dict, load_config
-from probmask.app.deploy_cli import main
 from probmask.app.models import build_model
 
 LENET_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
@@ -112,7 +112,7 @@ def test_eval_without_data_still_reports_the_rest(capsys, run_dir, tmp_path):
 def assert_user_error(code, err, *needles):
     assert code == 2
     assert "Traceback" not in err
-    assert err.startswith("probmask ") and "error:" in err
+    assert err.startswith("probmask: error: ") and err.count("\n") == 1, err
     for needle in needles:
         assert needle in err, err
 
@@ -169,7 +169,7 @@ def test_export_refuses_to_overwrite_its_input(capsys, run_dir, tmp_path):
 
 def test_exit_status_of_a_real_process(run_dir, tmp_path):
     """The status is the process's, and no traceback reaches the terminal."""
-    proc = subprocess.run([sys.executable, "-m", "probmask.app.deploy_cli", "eval", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "probmask", "eval", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "has no model.pt" in proc.stderr

@@ -155,7 +155,7 @@ def test_shard_sampler_partitions_the_data_exactly():
 
 def test_global_batch_must_split_evenly(tmp_path):
     from probmask.app.config import load_config
-    from probmask.app.runner import Experiment
+    from probmask.app.experiment import Experiment
 
     cfg = load_config(None, [*TINY, "train.batch_size=63"])
     with pytest.raises(UserError, match="train.batch_size=63 is the global batch and must be divisible by the "

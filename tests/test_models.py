@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from probmask import ProbMask
+from probmask.app.artifacts import load_model, save_model
 from probmask.app.errors import UserError
 from probmask.app.models import build_model, check_input, model_names
-from probmask.app.runner import load_model, save_model
 
 # name -> (input shape, options, expected number of prunable weight tensors)
 CASES = {

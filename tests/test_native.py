@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import probmask
+from probmask import kernels
 from probmask.kernels import cpu as native
 from probmask.masks import EPS, relaxed_mask, relaxed_masked_weights
 
@@ -81,6 +82,11 @@ def test_uniforms_are_uniform_and_independent_across_seeds():
     assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 5 / n**0.5
 
 
+def _key_drawn() -> int:
+    """The noise key the fused forward draws: a 63-bit integer from PyTorch's generator."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
 def _problem(gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Flat scores with exact 0s, 1s, tiny and interior values; three layers; output gradients."""
     sizes = [3000, 1025, 7]
@@ -103,7 +109,7 @@ def test_fused_kernels_match_the_pytorch_maths_on_the_same_noise(temperature):
     torch.manual_seed(11)
     outs = relaxed_masked_weights(s1, w1, temperature)
     torch.manual_seed(11)
-    noise = native.uniform(scores.numel(), native.draw_seed())  # the key the forward drew
+    noise = native.uniform(scores.numel(), _key_drawn())  # the key the forward drew
     loss = sum((o * g).sum() for o, g in zip(outs, grads))
     gs1, *gw1 = torch.autograd.grad(loss, [s1, *w1])
 
@@ -129,7 +135,7 @@ def test_fused_kernels_match_the_float64_specification():
         torch.manual_seed(3)
         outs = relaxed_masked_weights(scores, [torch.ones_like(w) for w in weights], temperature)
         torch.manual_seed(3)
-        u = native.uniform(scores.numel(), native.draw_seed()).double().clamp_min(EPS)
+        u = native.uniform(scores.numel(), _key_drawn()).double().clamp_min(EPS)
         s = scores.double()
         logit = torch.log(s + EPS) - torch.log(1 - s + EPS) + torch.log(u) - torch.log(1 - u + EPS)
         spec = torch.sigmoid(logit * temperature)
@@ -186,8 +192,13 @@ def test_unsupported_tensors_take_the_pytorch_way(monkeypatch):
     relaxed_masked_weights(scores, [torch.randn(60, dtype=torch.float64)], 2.0)  # float64
     w = torch.randn(2, 3, 5, 2).to(memory_format=torch.channels_last)
     relaxed_masked_weights(torch.rand(60), [w], 2.0)  # not contiguous
-    monkeypatch.setenv(native.ENV, "0")
-    relaxed_masked_weights(torch.rand(60), [torch.randn(60)], 2.0)  # turned off
+    relaxed_masked_weights(torch.rand(60), [torch.randn(60)], 2.0, fused=False)  # turned off
+    with kernels.use(fused=False):  # a ProbMask created here takes the PyTorch way throughout
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4))
+        pm = probmask.ProbMask(model, 0.5)
+    pm.set_epoch(5, 10)
+    model(torch.randn(3, 6)).sum().backward()
+    pm.project()
 
 
 @needs_kernels
@@ -206,7 +217,7 @@ def test_clamp_sums_match_pytorch_and_show_non_finite_scores():
 
 
 @needs_kernels
-def test_projection_is_the_same_with_and_without_kernels(monkeypatch):
+def test_projection_is_the_same_with_and_without_kernels():
     gen = torch.Generator().manual_seed(8)
     sizes = [5000, 300, 40]
     scores = torch.rand(sum(sizes), generator=gen) * 1.2
@@ -214,9 +225,8 @@ def test_projection_is_the_same_with_and_without_kernels(monkeypatch):
     floors = [10.0, 200.0, 5.0]
     a = scores.clone()
     ra = probmask.project_(a, 900.0, sizes=sizes, floors=floors)
-    monkeypatch.setenv(native.ENV, "0")
     b = scores.clone()
-    rb = probmask.project_(b, 900.0, sizes=sizes, floors=floors)
+    rb = probmask.project_(b, 900.0, sizes=sizes, floors=floors, fused=False)
     torch.testing.assert_close(a, b, rtol=0, atol=2e-7)
     assert ra.floor_binding.tolist() == rb.floor_binding.tolist() == [False, True, True]
     assert float(a.double().sum()) <= 900.0 * (1 + 1e-6)
@@ -236,7 +246,7 @@ def test_loading_the_kernels_keeps_subnormal_arithmetic():
 
 def test_a_missing_build_says_so_and_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(native, "_kernels", None)
-    assert not native.available() and not native.enabled() and not native.supports(torch.rand(3))
+    assert not native.available()
     with pytest.raises(RuntimeError, match="not built.*reinstall"):
         native.uniform(4, 0)
 

@@ -1,6 +1,5 @@
 """The projection against a brute-force sort-based reference, and its floors against KKT."""
 
-import os
 
 import numpy as np
 import pytest
@@ -8,29 +7,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probmask import projection
-from probmask.kernels import cpu as native
+from probmask import kernels, projection, threshold_search
 from probmask.projection import project, project_
 
+WAYS = {  # name: (fused, search)
+    "kernels": (True, "host"),
+    "pytorch": (False, "host"),
+    "device-path": (False, "device"),
+    "device-path-operator": (True, "device"),
+}
 
-@pytest.fixture(autouse=True, scope="module", params=["kernels", "pytorch", "device-path"])
+
+@pytest.fixture(autouse=True, scope="module", params=list(WAYS))
 def way(request):
-    """Every test three ways: with the compiled kernels (float32 CPU scores use them when built),
-    with PyTorch operations, and through the accelerator's code path (blocks of Newton steps in
-    tensors, no host synchronisation inside a block), run on the CPU."""
-    if request.param == "kernels" and not native.available():
+    """Every test four ways: the host search (a check after every Newton step) evaluating with the
+    compiled kernels or with PyTorch operations, and the accelerator's search (blocks of Newton
+    steps in tensors, no host synchronisation inside a block) with PyTorch operations or with the
+    ``probmask::clamp_sums`` operator, all run on the CPU."""
+    fused, search = WAYS[request.param]
+    if fused and not kernels.available("cpu"):
         pytest.skip("the compiled kernels are not built")
-    before = os.environ.get(native.ENV)
-    os.environ[native.ENV] = "1" if request.param == "kernels" else "0"
-    on_host = projection._on_host
-    if request.param == "device-path":
-        projection._on_host = lambda device: False
-    yield request.param
-    projection._on_host = on_host
-    if before is None:
-        del os.environ[native.ENV]
-    else:
-        os.environ[native.ENV] = before
+    with kernels.use(fused=fused, search=search):
+        yield request.param
 
 
 def reference_projection(s: np.ndarray, k: float) -> np.ndarray:
@@ -249,17 +247,17 @@ def test_search_does_not_cycle_on_a_jump(case, way):
     def f(c: float) -> float:
         return target + jump if c < root else target - jump
 
-    host = projection._HostSearch(root - 1.0, target, lo_known=True)
-    c = projection._f32(start)
+    host = threshold_search._HostSearch(root - 1.0, target, lo_known=True)
+    c = threshold_search._f32(start)
     for _ in range(64):
         nxt, done = host.step(c, f(c), float(n))
         if done:
             break
-        c = projection._f32(nxt)
-    assert done and abs(projection._HostSearch.round_up(nxt) - root) < 1e-12
+        c = threshold_search._f32(nxt)
+    assert done and abs(threshold_search._HostSearch.round_up(nxt) - root) < 1e-12
 
     as_t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
-    device = projection._DeviceSearch(as_t(root - 1.0), as_t(target), lo_known=True)
+    device = threshold_search._DeviceSearch(as_t(root - 1.0), as_t(target), lo_known=True)
     c32 = torch.tensor([start], dtype=torch.float32)
     for _ in range(64):
         nxt_t, done_t = device.step(c32, as_t(f(float(c32))), as_t(float(n)))

@@ -18,12 +18,16 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from probmask.app.artifacts import load_model
 from probmask.app.cli import main
 from probmask.app.config import config_to_dict, load_config
 from probmask.app.data import load_data
 from probmask.app.errors import UserError
+from probmask.app.experiment import Experiment, run_experiment
+from probmask.app.methods import METHODS
 from probmask.app.models import build_model
-from probmask.app.runner import Experiment, load_model, run_experiment
+from probmask.fixing import topk_mask
+from probmask.masked import MaskedModel
 from probmask.schedules import CubicBudget, TemperatureSchedule
 from runner_util import TINY, write_cifar, write_image_folder
 
@@ -137,15 +141,15 @@ class _Kill(Exception):
 
 
 def _kill_after_steps(exp: Experiment, steps: int) -> None:
-    original, count = exp.method.after_step, [0]
+    original, count = exp.method.step, [0]
 
-    def after_step():
+    def step():
         original()
         count[0] += 1
         if count[0] == steps:
             raise _Kill
 
-    exp.method.after_step = after_step  # type: ignore[method-assign]
+    exp.method.step = step  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize(
@@ -325,58 +329,30 @@ def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
         torch.set_num_threads(1)
 
 
-def test_another_method_plugs_into_the_runner(tmp_path, monkeypatch):
-    """The Method interface is enough for a baseline: dense training, then one-shot magnitude pruning."""
-    from probmask.app import methods
-    from probmask.report import LayerReport, Report
+class _LargestWeights(MaskedModel):
+    """A whole method on the masked-model base: dense training, then the largest weights kept."""
 
-    class OneShotMagnitude(methods.Method):
-        def __init__(self, model, cfg):
-            super().__init__(model, cfg)
-            self.names = [n for n, p in model.named_parameters() if n.endswith("weight")]
-            self.masks = None
+    def _final_mask(self, score_fn, generator):
+        weights = [m.parametrizations[t.param_name].original for m, t in zip(self._modules, self.targets)]
+        magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
+        return topk_mask(magnitudes, self.target_kept, self.layout.sizes, self.floors)
 
-        def weight_parameters(self):
-            return list(self.model.parameters())
 
-        @property
-        def fixed(self):
-            return self.masks is not None
+@METHODS.register("test_largest_weights")
+def _largest_weights(model, cfg):
+    return _LargestWeights(model, cfg.sparsity, floor=cfg.floor)
 
-        def fix(self, score_fn, generator):
-            params = dict(self.model.named_parameters())
-            flat = torch.cat([params[n].detach().abs().flatten() for n in self.names])
-            k = math.floor((1 - self.cfg.sparsity) * flat.numel())
-            threshold = flat.topk(k).values.min()
-            self.masks = {n: params[n].detach().abs() >= threshold for n in self.names}
 
-        def after_step(self):
-            if self.masks is not None:
-                with torch.no_grad():
-                    for n, p in self.model.named_parameters():
-                        if n in self.masks:
-                            p.mul_(self.masks[n])
-
-        def report(self):
-            layers = [LayerReport(n, tuple(m.shape), m.numel(), float(m.sum()), 0, False) for n, m in self.masks.items()]
-            return Report(layers, fixed=True, target_kept=int(sum(m.sum() for m in self.masks.values())))
-
-        def finalize(self):
-            self.after_step()
-            return self.model, self.masks
-
-        def state_dict(self):
-            return {"masks": self.masks}
-
-        def load_state_dict(self, state):
-            self.masks = state["masks"]
-
-    monkeypatch.setitem(methods._METHODS, "magnitude", OneShotMagnitude)
-    cfg = load_config(None, [*TINY, "prune.method=magnitude", "train.epochs=2", "finetune.epochs=1"])
+def test_another_method_plugs_into_the_runner(tmp_path):
+    """The masked-model base is enough for a baseline: it writes only how its mask is chosen."""
+    cfg = load_config(None, [*TINY, "prune.method=test_largest_weights", "train.epochs=2", "finetune.epochs=1"])
     result = run_experiment(cfg, tmp_path / "run")
     assert [h["phase"] for h in _history(tmp_path / "run")] == ["main", "main", "finetune"]
-    assert result.results["method"] == "magnitude"
-    assert result.results["sparsity"] >= 0.9 - 1e-3
+    assert result.results["method"] == "test_largest_weights"
+    assert result.results["kept"] == result.results["target_kept"] == int(0.1 * result.results["total"] + 1e-6)
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    for name, mask in state["masks"].items():  # pruned weights are zero, finetuning kept them so
+        assert int(torch.count_nonzero(state["state_dict"][name][~mask])) == 0
     assert result.results["test_accuracy"] > 30
 
 
@@ -390,7 +366,7 @@ def test_an_empty_test_set_is_a_user_error(tmp_path, monkeypatch):
         empty = TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long))
         return data.DataSplits(train, empty, train, 10, (1, 28, 28))
 
-    monkeypatch.setitem(data._DATASETS, "empty_test", tiny_data)
+    monkeypatch.setitem(data.DATASETS._items, "empty_test", tiny_data)
     cfg = load_config(None, ["data.name=empty_test", "model.options.hidden=[8]", "train.epochs=1"])
     with pytest.raises(UserError, match="the test set is empty"):
         run_experiment(cfg, tmp_path / "run")

@@ -54,12 +54,14 @@ import torch
 from torch import Tensor, nn
 
 from probmask.atomic_io import atomic_write
+from probmask.report import Report
 
 __all__ = [
     "FORMATS",
     "Checkpoint",
     "CheckpointError",
     "OnnxCheck",
+    "OnnxMismatch",
     "check_onnx",
     "detect_format",
     "export_onnx",
@@ -80,6 +82,10 @@ SUFFIXES = {"pt": ".pt", "safetensors": ".safetensors", "sparse": ".sparse.safet
 MASK_PREFIX = "masks/"
 _META_KEY = "probmask"
 _KIND_KEY = "probmask_format"  # "dense" or "sparse" in the safetensors header metadata
+
+
+class OnnxMismatch(ValueError):
+    """The exported ONNX file's outputs differ from PyTorch's beyond the tolerance."""
 
 
 class CheckpointError(ValueError):
@@ -110,14 +116,7 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------- metadata
 def layer_stats(masks: Mapping[str, Tensor]) -> list[dict[str, Any]]:
     """Per pruned parameter: name, shape, numel, kept and density."""
-    out = []
-    for name, mask in masks.items():
-        kept = int(mask.sum())
-        out.append(
-            {"name": name, "shape": list(mask.shape), "numel": mask.numel(), "kept": kept,
-             "density": kept / mask.numel() if mask.numel() else 0.0}
-        )
-    return out
+    return [layer.summary() for layer in Report.count_nonzero(masks).layers]
 
 
 def make_meta(masks: Mapping[str, Tensor], **info: Any) -> dict[str, Any]:
@@ -558,7 +557,7 @@ def export_onnx(
 
     ``input_shape`` is one example's shape (``[C, H, W]``, or ``[features]``). ``meta`` goes into
     the ONNX ``metadata_props`` under ``probmask``. With ``check``, onnxruntime runs batches of
-    1 and 3 random inputs and the outputs must match PyTorch within ``atol`` (else ``ValueError``).
+    1 and 3 random inputs and the outputs must match PyTorch within ``atol`` (else :class:`OnnxMismatch`).
     """
     import onnx
 
@@ -599,8 +598,8 @@ def check_onnx(
             expected = model(x)
         got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
         if got.shape != expected.shape:
-            raise ValueError(f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(expected.shape)}")
+            raise OnnxMismatch(f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(expected.shape)}")
         worst = max(worst, float((got - expected).abs().max()))
     if worst > atol:
-        raise ValueError(f"ONNX output differs from PyTorch by {worst:.3g} > {atol}")
+        raise OnnxMismatch(f"ONNX output differs from PyTorch by {worst:.3g} > {atol}")
     return OnnxCheck(Path(path), worst, (1, 3))

@@ -2,24 +2,22 @@
 
 Three modes (:class:`MaskMode`): a relaxed, differentiable sample for training (binary concrete
 / Gumbel-sigmoid with one uniform draw per weight), a hard Bernoulli sample for evaluation, and a
-fixed binary mask after :meth:`probmask.ProbMask.fix_mask`. The mask is attached to the user's
-module with a ``torch.nn.utils.parametrize`` parametrization: no module is replaced.
+fixed binary mask after :meth:`probmask.ProbMask.fix_mask`. The relaxed sample runs as the fused
+operator of :mod:`probmask.kernels` where one takes the tensors, and otherwise as the PyTorch
+operations below (the same maths, with ``torch.rand`` noise).
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from probmask.kernels import cpu as native
+from probmask import kernels
+from probmask.kernels import ops
 from probmask.numerics import EPS
 from probmask.numerics import limits as _limits
-
-if TYPE_CHECKING:  # pragma: no cover
-    from probmask.sparsifier import ProbMask
 
 __all__ = ["EPS", "MaskMode", "relaxed_mask", "relaxed_masked_weight", "relaxed_masked_weights"]
 
@@ -147,50 +145,41 @@ class _RelaxedMaskedWeights(torch.autograd.Function):
         return (grad_s, None, None, *grad_ws)
 
 
-class _NativeRelaxedMaskedWeights(torch.autograd.Function):
-    """The same as :class:`_RelaxedMaskedWeights` with the compiled CPU kernels (see
-    :mod:`probmask.kernels.cpu`): one pass per layer forward and one backward. Nothing full-size is
-    saved for backward beyond the inputs: the backward pass regenerates the counter-based noise
-    from the key and recomputes the logits."""
-
-    @staticmethod
-    def forward(ctx, scores: Tensor, temperature: float, seed: int, *weights: Tensor):  # type: ignore[override]
-        limits = _limits(torch.float32)
-        outs = native.relaxed_forward(scores.detach(), [w.detach() for w in weights], temperature, seed, limits)
-        ctx.save_for_backward(scores, *weights)
-        ctx.temperature, ctx.seed = temperature, seed
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        scores, *weights = ctx.saved_tensors
-        grad_s, grad_ws = native.relaxed_backward(
-            scores.detach(), [w.detach() for w in weights], grads, ctx.temperature, ctx.seed,
-            _limits(torch.float32), ctx.needs_input_grad[0], ctx.needs_input_grad[3:],
-        )
-        return (grad_s, None, None, *grad_ws)
-
-
-# torch.compile runs these two eagerly (a graph break): dynamo cannot trace the fused Function's
-# in-place scratch use, and the noise must come from PyTorch's eager generator either way.
-@torch.compiler.disable
 def relaxed_masked_weights(
-    scores: Tensor, weights: list[Tensor], temperature: float, work: Tensor | None = None
+    scores: Tensor, weights: list[Tensor], temperature: float, work: Tensor | None = None, *, fused: bool = True
 ) -> tuple[Tensor, ...]:
     """``weights[l] * m_l`` for every layer, with fresh relaxed masks of the flat ``scores``.
 
-    ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``;
-    the noise is one flat draw in that order (on the CPU, the same numbers as one draw per layer
-    in turn). Float32 CPU tensors go through the compiled kernels when they are built (see
-    :mod:`probmask.kernels.cpu`: the same maths with counter-based noise), the rest through PyTorch
-    operations.
-    ``work`` is an optional kept scratch tensor shaped like ``scores``, used only by the PyTorch
-    way during the forward and the backward call (never across them).
+    ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``.
+    With ``fused`` (and tensors the fused operators take, see :mod:`probmask.kernels`) this is
+    ``torch.ops.probmask.relaxed_masked_weights`` with counter-based noise under a key drawn from
+    PyTorch's generator; otherwise PyTorch operations draw one flat ``torch.rand`` in layer order
+    (on the CPU, the same numbers as one draw per layer in turn). Both ways compute the same maths.
+    ``work`` is an optional kept scratch tensor shaped like ``scores`` for the PyTorch way, used
+    only during the forward and the backward call (never across them).
     """
-    if native.supports(scores, *weights):
-        return _NativeRelaxedMaskedWeights.apply(scores, float(temperature), native.draw_seed(), *weights)
+    fused = fused and kernels.available(scores.device.type) and kernels.takes(scores, *weights)
+    return sample_masked_weights(scores, weights, temperature, work, fused=fused)
+
+
+def sample_masked_weights(
+    scores: Tensor, weights: list[Tensor], temperature: float, work: Tensor | None, *, fused: bool
+) -> tuple[Tensor, ...]:
+    """:func:`relaxed_masked_weights` where the caller decided the way: ``fused`` only if
+    :func:`probmask.kernels.available` and :func:`probmask.kernels.takes` said so. The fused way
+    draws a fresh 63-bit noise key from the generator of the scores' device."""
+    if fused:
+        seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=scores.device)
+        return tuple(ops.relaxed_masked_weights(scores, list(weights), float(temperature), seed))
+    return _torch_relaxed(scores, weights, float(temperature), work)
+
+
+# torch.compile runs the PyTorch way eagerly (a graph break): dynamo cannot trace its in-place use
+# of the kept scratch buffer. The fused operators trace.
+@torch.compiler.disable
+def _torch_relaxed(scores: Tensor, weights: list[Tensor], temperature: float, work: Tensor | None) -> tuple[Tensor, ...]:
     work = torch.empty_like(scores.detach()) if work is None else work.detach()
-    return _RelaxedMaskedWeights.apply(scores, float(temperature), work, *weights)
+    return _RelaxedMaskedWeights.apply(scores, temperature, work, *weights)
 
 
 class _RelaxedMask(torch.autograd.Function):
@@ -223,22 +212,3 @@ def relaxed_masked_weight(weight: Tensor, score: Tensor, temperature: float) -> 
 def relaxed_mask(score: Tensor, noise: Tensor, temperature: float) -> Tensor:
     """The relaxed mask for given uniform ``noise`` in [0, 1): differentiable in ``score``."""
     return _RelaxedMask.apply(score, noise, float(temperature))
-
-
-class MaskParametrization(nn.Module):
-    """The parametrization registered on each prunable weight: ``weight -> weight * mask``.
-
-    It holds no tensors of its own; it asks the owning :class:`ProbMask` for the mask of its
-    layer, so that all scores live in one flat buffer. The owner is kept out of the module tree.
-    """
-
-    def __init__(self, owner: ProbMask, index: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "_owner", owner)  # not a submodule, not in state_dict
-        self.index = index
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return self._owner._masked_weight(self.index, weight)
-
-    def extra_repr(self) -> str:
-        return f"layer={self.index}"

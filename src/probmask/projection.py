@@ -11,7 +11,7 @@ true one, so a step taken from the left of the root never passes it (``f`` lies 
 tangent line on the right), the iteration is monotone from the left, and it stops when the step
 is below one float32 unit in the last place (or ``f`` meets the budget to the accuracy of its
 float32 sum): the answer is exact to float32, not to a tolerance. Steps from the right of the
-root and float32 rounding are safeguarded by a bracket (see "the search" below).
+root and float32 rounding are safeguarded by a bracket (see :mod:`probmask.threshold_search`).
 
 Floors enter the same iteration: the budget equation is ``sum_l max(f_l(v), floor_l) = k``
 (a layer held at its floor contributes the floor and no slope), so one Newton iteration with
@@ -20,10 +20,12 @@ thresholds together, in one vectorised iteration over those layers only.
 
 On an accelerator the iterations run in blocks without any host synchronisation; one
 synchronisation per block checks convergence (and NaN/inf). On the CPU, where reading a result
-is free, convergence is checked after every step, the scalar arithmetic runs in numpy, and each
-pass goes through the scores in cache-sized chunks instead of through a full-size temporary; with
-the compiled kernels (:mod:`probmask.kernels.cpu`) an evaluation of float32 scores is one read of each
-layer that returns both sums.
+is free, convergence is checked after every step and the scalar arithmetic runs in Python floats.
+An evaluation is the fused operator ``probmask::clamp_sums`` (:mod:`probmask.kernels`: one read of
+the scores returning every sum; on the CPU the search calls its C implementation directly, since
+the dispatcher's overhead would exceed an evaluation of a small model's scores), or PyTorch
+operations that go through the scores in cache-sized chunks on the CPU instead of through a
+full-size temporary.
 """
 
 from __future__ import annotations
@@ -33,19 +35,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from probmask.kernels import cpu as native
+from probmask import kernels
+from probmask.kernels import cpu, ops
+from probmask.threshold_search import solve_device, solve_host
 
 __all__ = ["ProjectionResult", "project", "project_", "work_buffer"]
 
-_FIRST_BLOCK = 2  # accelerators: a warm start usually converges within two Newton steps
-_BLOCK = 4  # accelerators: Newton iterations between two host synchronisations after that
-_MAX_ITERS = 256
-_SUM_RTOL = 2.0**-21  # about four float32 ulps: the accuracy of a float32 sum of clamped scores
-_FLOOR_RTOL = 1e-6  # a layer whose sum is this close to its floor counts as meeting it
 # On the CPU the scores are processed in chunks of this many elements: the work buffer stays in
 # the cache, so an evaluation reads the scores from memory once instead of writing and re-reading
 # a full-size temporary. (On the CPU a "host sync" costs nothing, so convergence is checked after
@@ -71,13 +69,15 @@ def project_(
     floors: Sequence[float] | Tensor | None = None,
     start: float = 0.0,
     buffer: Tensor | None = None,
+    fused: bool | None = None,
+    search: str | None = None,
 ) -> ProjectionResult:
     """Project a flat score tensor in place onto ``{0<=s<=1, sum s<=budget, layer sums>=floors}``.
 
     ``sizes`` splits the flat tensor into layers (needed for ``floors``). ``start`` warm-starts
     the search (the previous step's threshold is a good guess). ``buffer`` is an optional kept
     work tensor (see :func:`work_buffer`; a tensor shaped like ``scores`` also works), so that a
-    step allocates nothing.
+    step allocates nothing. ``fused`` and ``search`` override :func:`probmask.kernels.settings`.
     Raises ``ValueError`` on NaN/inf scores, a budget below the floors, or a non-positive budget.
     """
     if scores.dim() != 1:
@@ -97,8 +97,13 @@ def project_(
             f"the per-layer floors ask for {floor_total:.0f} kept weights but the budget is "
             f"{budget:.0f}: lower the floors or the sparsity"
         )
-    plan = _Plan(scores, sizes, buffer)
-    solve = _solve_host if plan.host else _solve_device
+    setting = kernels.settings()
+    fused = setting.fused if fused is None else fused
+    fused = fused and kernels.available(scores.device.type) and kernels.takes(scores)
+    search = setting.search if search is None else search
+    host = scores.device.type == "cpu" if search == "auto" else search == "host"
+    plan = _Plan(scores, sizes, buffer, fused=fused, host=host)
+    solve = solve_host if host else solve_device
     v, thresholds, binding = solve(plan, float(budget), floor_t if floors is not None else None, float(start))
     plan.apply(thresholds)
     return ProjectionResult(
@@ -144,33 +149,33 @@ def work_buffer(scores: Tensor) -> Tensor:
     """A work buffer for :func:`project_` on these scores: full size on an accelerator, one
     chunk on the CPU (where the projection works chunk by chunk in the cache)."""
     n = scores.numel()
-    return torch.empty(min(n, _CPU_CHUNK) if _on_host(scores.device) else n, dtype=scores.dtype, device=scores.device)
-
-
-def _on_host(device: torch.device) -> bool:
-    """Whether to run the CPU way (chunks, numpy search, a check every step) on this device."""
-    return device.type == "cpu"
+    return torch.empty(min(n, _CPU_CHUNK) if scores.device.type == "cpu" else n, dtype=scores.dtype,
+                       device=scores.device)
 
 
 class _Plan:
-    """The scores cut into chunks, each inside one layer, with a work view for each chunk.
+    """The scores cut into chunks, each inside one layer, and how to evaluate the sums over them.
 
-    On the CPU chunks have at most ``_CPU_CHUNK`` elements and share one small work buffer (so an
-    evaluation reads the scores once and the rest stays in the cache) and results come back as
-    Python floats. On an accelerator a chunk is a whole layer with its own view of a full-size
-    buffer and results stay on the device.
+    ``host``: results come back as Python floats and chunks have at most ``_CPU_CHUNK`` elements
+    that share one small work buffer (an evaluation by PyTorch operations reads the scores once and
+    the rest stays in the cache). Otherwise a chunk is a whole layer with its own view of a
+    full-size buffer and results stay on the device. ``fused``: evaluations are the
+    ``probmask::clamp_sums`` operator (on the CPU in host mode: its C implementation, called
+    directly, one read of each layer) and need no work buffer.
     """
 
-    def __init__(self, scores: Tensor, sizes: list[int], buffer: Tensor | None) -> None:
+    def __init__(self, scores: Tensor, sizes: list[int], buffer: Tensor | None, *, fused: bool, host: bool) -> None:
         self.device = scores.device
-        self.host = _on_host(scores.device)
+        self.scores = scores
+        self.host = host
+        self.fused = fused
+        self.direct = fused and host and scores.device.type == "cpu"  # the C implementation, no dispatcher
         self.nlayers = len(sizes)
-        # with the compiled kernels (float32 on the CPU), an evaluation is one pass per layer
-        # that needs no work buffer
-        self.native = self.host and native.supports(scores)
-        self.layers = list(scores.split(sizes)) if self.native else []
-        chunk = _CPU_CHUNK if self.host else max(sizes)
-        need = 0 if self.native else min(chunk, scores.numel()) if self.host else scores.numel()
+        self.sizes = sizes
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.layers = list(scores.split(sizes)) if self.direct else []
+        chunk = _CPU_CHUNK if host and not fused else max(sizes)  # fused evaluations need no chunks
+        need = 0 if fused else min(chunk, scores.numel()) if host else scores.numel()
         ok = (
             buffer is not None
             and buffer.device == scores.device
@@ -188,18 +193,18 @@ class _Plan:
             for lo in range(0, size, chunk):
                 length = min(chunk, size - lo)
                 self.src.append(scores[offset + lo : offset + lo + length])
-                w0 = 0 if self.host else offset + lo
-                self.work.append(work[w0 : w0 + length])
+                w0 = 0 if host else offset + lo
+                self.work.append(work[w0 : w0 + length] if not fused else work[:0])
                 self.layer.append(i)
             offset += size
         self.all = self.subset(list(range(self.nlayers)))
         self.iterations = 0  # evaluations done so far
-        # On the CPU, passes with one threshold for all layers go through packed chunks: runs of
+        # On the host, passes with one threshold for all layers go through packed chunks: runs of
         # whole small layers (or pieces of a large one) of up to ``chunk`` elements, one
         # subtract/clamp/ceil per pack and a sum per layer piece. Fewer operations for models
         # made of many small layers.
         self.packs: list[tuple[Tensor, Tensor, list[tuple[int, int, int]]]] = []
-        if self.host:
+        if host and not fused:
             start, length, pieces = 0, 0, []
             for src, layer in zip(self.src, self.layer):
                 if length and length + src.numel() > chunk:
@@ -224,12 +229,19 @@ class _Plan:
         """
         chunks, local = subset
         scalar = len(thresholds) == 1
-        if self.native:
+        if self.direct:
             rows = []
             for j, k in enumerate(chunks):
-                f, n, raw = native.clamp_sums(self.src[k], thresholds[0] if scalar else thresholds[local[j]])
+                f, n, raw = cpu.clamp_sums(self.src[k], thresholds[0] if scalar else thresholds[local[j]])
                 rows.append([raw, f, n] if check else [f, n])
             return torch.tensor(rows, dtype=torch.float64).view(len(chunks), -1)
+        if self.fused:
+            if self.host:
+                thresholds = torch.tensor(thresholds, dtype=torch.float32, device=self.device)
+            layers = [self.layer[k] for k in chunks]  # fused: every chunk is a whole layer
+            rows = ops.clamp_sums(self.scores, [self.starts[i] for i in layers], [self.sizes[i] for i in layers],
+                                  thresholds.float())
+            return rows[:, [2, 0, 1]] if check else rows[:, :2]
         out = []
         for j, k in enumerate(chunks):
             src, work = self.src[k], self.work[k]
@@ -243,9 +255,13 @@ class _Plan:
     def sums_all(self, c: float, check: bool) -> tuple[list[float], list[float], float]:
         """CPU: per-layer sum clamp(s - c, 0, 1) and #{s > c} at one threshold, and (with
         ``check``) the raw sum of the scores (clamping hides +-inf; NaN shows there too)."""
-        if self.native:
-            rows = [native.clamp_sums(layer, c) for layer in self.layers]
+        if self.direct:
+            rows = [cpu.clamp_sums(layer, c) for layer in self.layers]
             return [r[0] for r in rows], [r[1] for r in rows], sum(r[2] for r in rows)
+        if self.fused:
+            all_rows = ops.clamp_sums(self.scores, self.starts, self.sizes, torch.tensor([c], device=self.device))
+            f, n, raw = all_rows.T.tolist()
+            return f, n, sum(raw)
         out = []
         for src, work, pieces in self.packs:
             if check:
@@ -274,7 +290,7 @@ class _Plan:
 
     def apply(self, thresholds: list[float]) -> None:
         """In place: s <- clamp(s - c_l, 0, 1) with each layer's threshold."""
-        if self.host and all(t == thresholds[0] for t in thresholds):
+        if self.packs and all(t == thresholds[0] for t in thresholds):
             for src, _, _ in self.packs:
                 src.sub_(thresholds[0]).clamp_(0.0, 1.0)
             return
@@ -282,313 +298,3 @@ class _Plan:
             src.sub_(thresholds[i]).clamp_(0.0, 1.0)
 
 
-# ------------------------------------------------------------------------------ the search
-# f(c) = target with f non-increasing and piecewise linear, by safeguarded Newton steps.
-#
-# The slope is the count #{s > c}, never smaller than the true slope anywhere to the right of
-# c: from the left (f >= target) a step never passes the root, so the iterates rise
-# monotonically to it. The count overstates the slope where scores lie above c + 1 (clamped at
-# 1, they add nothing): when f fell by less than half of what the count predicted over the last
-# step from the left, the next step is at least twice that step (it may pass the root; the
-# bracket below then takes over). Without this, a plateau such as one score at 1.25 with a
-# budget just below 1 took one step of (f - target) / count per evaluation. From the right a
-# step may land on either side; the count overstates the slope there when scores sit above
-# c + 1, so a second point on the right steps with the secant slope of the two right points
-# instead. The search keeps the bracket [lo, hi] of the largest point seen with f >= target and
-# the smallest with f < target, and falls back to it where neither helps: no slope from the
-# right (go to lo), or a step leaving the bracket or landing on one of its ends once rounded to
-# float32, which rounding of the sums can cause when many scores tie or f jitters at the float32
-# scale of c (bisect: the bracket shrinks every step). ``lo`` starts as a lower limit of the
-# search, not known to be a left point unless ``lo_known``. It stops when the next step is below
-# one float32 ulp, when f meets the target to the accuracy of a float32 sum (a few ulps), or
-# when the bracket is down to neighbouring floats (then hi, where f < target, is the answer);
-# the answer is rounded up to a float32, so that f(v) <= target rather than just above.
-#
-# _HostSearch does this in Python floats, one problem at a time (on the CPU, tensor or numpy
-# scalar arithmetic would cost more than a pass over LeNet-sized scores); _DeviceSearch in
-# device tensors, vectorised over problems, without host synchronisation. Same decisions.
-
-
-def _f32(x: float) -> float:
-    return float(np.float32(x))
-
-
-def _up32(x: float) -> float:
-    """The next float32 above the float32 ``x``."""
-    return float(np.nextafter(np.float32(x), np.float32(math.inf)))
-
-
-class _HostSearch:
-    def __init__(self, lo: float, target: float, lo_known: bool) -> None:
-        self.lo, self.target, self.lo_ok = lo, target, lo_known
-        self.tol = _SUM_RTOL * max(target, 1.0)
-        self.hi, self.f_hi = math.inf, 0.0
-        self.prev: tuple[float, float, float] | None = None  # the last left point: (c, f, slope used)
-
-    def step(self, c: float, f: float, slope: float) -> tuple[float, bool]:
-        """(next point, done) from f and the slope count at the float32 point c."""
-        target, lo, hi = self.target, self.lo, self.hi
-        left = f >= target
-        close = abs(f - target) <= self.tol
-        right = not left and not close
-        had_right = hi != math.inf
-        secant = (f - self.f_hi) / (hi - c) if had_right and hi != c else math.nan
-        if left:
-            lo = max(lo, c)
-        elif c <= hi:
-            self.f_hi, hi = f, c
-        lo_ok = self.lo_ok or left
-        nxt = c + (f - target) / max(slope, 1.0)
-        if left and not close and self.prev is not None and c > self.prev[0]:
-            pc, pf, ps = self.prev
-            if pf - f < 0.5 * ps * (c - pc):  # f fell by less than half the count's prediction
-                nxt = max(nxt, c + 2.0 * (c - pc))  # scores above c + 1: double the step
-        if left:
-            self.prev = (c, f, max(slope, 1.0))
-        if right and had_right and 0.0 < secant < slope:
-            nxt = c + (f - target) / secant
-        if right and slope == 0:
-            nxt = lo
-        # outside the bracket once rounded to float32: a step that lands back on lo or hi would
-        # repeat an evaluation, and where rounding makes f jitter it can cycle between the two
-        r = _f32(nxt)
-        outside = r >= hi or (r <= lo and not left)
-        if not close and outside and lo_ok and hi != math.inf:
-            nxt = 0.5 * (lo + hi)
-        nxt = max(nxt, lo)
-        tight = lo_ok and hi <= _up32(_f32(lo))
-        if tight and not close:
-            nxt = hi
-        done = abs(_f32(nxt) - c) <= _up32(abs(c)) - abs(c) or close or tight
-        self.lo, self.hi, self.lo_ok = lo, hi, lo_ok
-        return nxt, done
-
-    @staticmethod
-    def round_up(x: float) -> float:
-        v = _f32(x)
-        return _up32(v) if v < x else v
-
-
-class _DeviceSearch:
-    def __init__(self, lo: Tensor, target: Tensor, lo_known: bool) -> None:
-        self.lo, self.target = lo, target
-        self.lo_ok = torch.full_like(lo, lo_known, dtype=torch.bool)
-        self.tol = _SUM_RTOL * target.clamp_min(1.0)
-        self.hi = torch.full_like(lo, math.inf)
-        self.f_hi = torch.zeros_like(lo)
-        self.inf32 = torch.tensor(math.inf, dtype=torch.float32, device=lo.device)
-        self.prev_c, self.prev_f, self.prev_slope = torch.zeros_like(lo), torch.zeros_like(lo), torch.zeros_like(lo)
-        self.has_prev = torch.zeros_like(lo, dtype=torch.bool)
-
-    def step(self, c32: Tensor, f: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
-        """(next point in float64, done) from f and the slope count at the float32 points c32."""
-        target, c = self.target, c32.double()
-        left = f >= target
-        close = (f - target).abs() <= self.tol
-        right = ~left & ~close
-        had_right = torch.isfinite(self.hi)
-        secant = (f - self.f_hi) / (self.hi - c)  # > 0 when both are right points and f rose
-        lo = torch.where(left, torch.maximum(self.lo, c), self.lo)
-        self.f_hi = torch.where(left | (c > self.hi), self.f_hi, f)
-        hi = torch.where(left, self.hi, torch.minimum(self.hi, c))
-        lo_ok = self.lo_ok | left
-        nxt = c + (f - target) / slope.clamp_min(1.0)
-        creep = left & ~close & self.has_prev & (c > self.prev_c) & (self.prev_f - f < 0.5 * self.prev_slope * (c - self.prev_c))
-        nxt = torch.where(creep, torch.maximum(nxt, c + 2.0 * (c - self.prev_c)), nxt)  # see _HostSearch.step
-        self.prev_c = torch.where(left, c, self.prev_c)
-        self.prev_f = torch.where(left, f, self.prev_f)
-        self.prev_slope = torch.where(left, slope.clamp_min(1.0).to(self.prev_slope.dtype), self.prev_slope)
-        self.has_prev = self.has_prev | left
-        use_secant = right & had_right & (secant > 0) & (secant < slope)
-        nxt = torch.where(use_secant, c + (f - target) / torch.where(use_secant, secant, 1.0), nxt)
-        nxt = torch.where(right & (slope == 0), lo, nxt)
-        r = nxt.float().double()  # outside once rounded to float32 (see _HostSearch.step)
-        outside = (r >= hi) | ((r <= lo) & ~left)
-        nxt = torch.where(~close & outside & lo_ok & torch.isfinite(hi), 0.5 * (lo + hi), nxt)
-        nxt = torch.maximum(nxt, lo)
-        ulp = torch.nextafter(c32.abs(), self.inf32) - c32.abs()
-        tight = lo_ok & (hi <= torch.nextafter(lo.float(), self.inf32).double())
-        nxt = torch.where(tight & ~close, hi, nxt)
-        done = ((nxt.float() - c32).abs() <= ulp) | close | tight
-        self.lo, self.hi, self.lo_ok = lo, hi, lo_ok
-        return nxt, done
-
-    def round_up(self, x: Tensor) -> Tensor:
-        v32 = x.float()
-        return torch.where(v32.double() < x, torch.nextafter(v32, self.inf32), v32)
-
-
-def _blocks(host: bool):
-    """Newton steps between two host synchronisations (on the CPU a sync costs nothing)."""
-    if host:
-        while True:
-            yield 1
-    yield _FIRST_BLOCK
-    while True:
-        yield _BLOCK
-
-
-def _raise_non_finite() -> None:
-    raise ValueError(
-        "NaN or inf in the scores at projection time: check the learning rate of the "
-        "score optimizer and the loss for NaN"
-    )
-
-
-def _not_converged(iters: int) -> RuntimeError:
-    return RuntimeError(
-        f"projection did not converge in {iters} iterations; please report this with your scores"
-    )
-
-
-# ------------------------------------------------------------------------------ the solves
-# First the global threshold: the smallest float32 v >= 0 with g(v) <= budget, where
-# g(v) = sum_l max(f_l(v), floor_l): a layer short of its floor at v contributes its floor (it
-# will get its own threshold) and no slope. Then the layers short of their floor at v solve
-# f_l(c_l) = floor_l together, each with its own threshold, starting from the first solve's last
-# evaluation (so their first Newton step costs no pass); the smallest score minus one is a known
-# left point of each (f_l = its size there). Both return (v, per-layer thresholds, floor binding).
-
-
-def _solve_host(
-    plan: _Plan, budget: float, floors: Tensor | None, start: float
-) -> tuple[float, list[float], list[bool]]:
-    nl = plan.nlayers
-    fl = None if floors is None else floors.tolist()
-    search = _HostSearch(0.0, budget, lo_known=False)
-    c = _f32(max(start, 0.0))
-    iters = 0
-    while True:
-        f_l, n_l, checked = plan.sums_all(c, check=iters == 0)
-        if iters == 0:
-            raw = checked
-        if fl is None:
-            g, slope = sum(f_l), sum(n_l)
-        else:
-            g = sum(max(f, floor) for f, floor in zip(f_l, fl))
-            slope = sum(n for f, n, floor in zip(f_l, n_l, fl) if f > floor)
-        if not (math.isfinite(g) and math.isfinite(raw)):
-            _raise_non_finite()
-        nxt, done = search.step(c, g, slope)
-        iters += 1
-        if done:
-            break
-        if iters >= _MAX_ITERS:
-            raise _not_converged(iters)
-        c = _f32(nxt)
-    plan.iterations += iters
-    v = search.round_up(nxt)
-    thresholds, binding = [v] * nl, [False] * nl
-    if fl is None:
-        return v, thresholds, binding
-    bound = [i for i in range(nl) if f_l[i] < fl[i] * (1 - _FLOOR_RTOL)]
-    if not bound:
-        return v, thresholds, binding
-    subset = plan.subset(bound)
-    mins = [math.inf] * len(bound)
-    for m, j in zip(plan.layer_min(subset).tolist(), subset[1]):
-        mins[j] = min(mins[j], m)
-    searches = [_HostSearch(m - 1.0, fl[i], lo_known=True) for m, i in zip(mins, bound)]
-    cs = [c] * len(bound)
-    f_b, n_b = [f_l[i] for i in bound], [n_l[i] for i in bound]
-    pending = list(range(len(bound)))
-    iters = 0
-    while pending:
-        if iters > 0:  # evaluate the layers not yet converged, each at its own threshold
-            where = {j: p for p, j in enumerate(pending)}
-            sub = ([k for k, j in zip(*subset) if j in where], [where[j] for j in subset[1] if j in where])
-            rows = plan.sums([cs[j] for j in pending], sub, check=False).tolist()
-            f_b, n_b = [0.0] * len(bound), [0.0] * len(bound)
-            for (f, n), pos in zip(rows, sub[1]):
-                f_b[pending[pos]] += f
-                n_b[pending[pos]] += n
-        still = []
-        for j in pending:
-            nxt, done = searches[j].step(cs[j], f_b[j], n_b[j])
-            if done:
-                thresholds[bound[j]] = _HostSearch.round_up(nxt)
-                binding[bound[j]] = True
-            else:
-                cs[j] = _f32(nxt)
-                still.append(j)
-        pending = still
-        iters += 1
-        if iters >= _MAX_ITERS and pending:
-            raise _not_converged(iters)
-    plan.iterations += iters - 1
-    return v, thresholds, binding
-
-
-def _solve_device(
-    plan: _Plan, budget: float, floors: Tensor | None, start: float
-) -> tuple[float, list[float], list[bool]]:
-    device, nl = plan.device, plan.nlayers
-    index = torch.tensor(plan.layer, device=device)
-    fl = None if floors is None else floors.to(device)
-
-    def per_layer(rows: Tensor, count: int, idx: Tensor) -> tuple[Tensor, Tensor]:
-        rows = rows.double()
-        if rows.shape[0] == count:
-            return rows[:, -2], rows[:, -1]
-        zeros = torch.zeros(count, dtype=torch.float64, device=device)
-        return zeros.index_add(0, idx, rows[:, -2]), zeros.index_add(0, idx, rows[:, -1])
-
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    search = _DeviceSearch(zero, torch.tensor(budget, dtype=torch.float64, device=device), False)
-    c = torch.tensor(max(start, 0.0), dtype=torch.float64, device=device)
-    iters, raw = 0, None
-    blocks = _blocks(False)
-    while True:
-        for _ in range(next(blocks)):
-            c32 = c.float()
-            rows = plan.sums(c32.reshape(1), plan.all, check=raw is None)
-            if raw is None:
-                raw = rows[:, 0].double().sum()
-            f_l, n_l = per_layer(rows, nl, index)
-            if fl is None:
-                g, slope = f_l.sum(), n_l.sum()
-            else:
-                g = torch.maximum(f_l, fl).sum()
-                slope = torch.where(f_l > fl, n_l, zero).sum()
-            c, done = search.step(c32, g, slope)
-            iters += 1
-        state = torch.stack([done, torch.isfinite(g) & torch.isfinite(raw)]).tolist()  # one sync
-        if not state[1]:
-            _raise_non_finite()
-        if state[0]:
-            break
-        if iters >= _MAX_ITERS:
-            raise _not_converged(iters)
-    plan.iterations += iters
-    v = float(search.round_up(c))
-    thresholds, binding = [v] * nl, [False] * nl
-    if fl is None:
-        return v, thresholds, binding
-    bound = [i for i, short in enumerate((f_l < fl * (1 - _FLOOR_RTOL)).tolist()) if short]
-    if not bound:
-        return v, thresholds, binding
-    subset = plan.subset(bound)
-    local = torch.tensor(subset[1], device=device)
-    pos = torch.tensor(bound, device=device)
-    lo = torch.full((len(bound),), math.inf, dtype=torch.float64, device=device)
-    lo = lo.scatter_reduce(0, local, plan.layer_min(subset).double(), "amin") - 1.0
-    search = _DeviceSearch(lo, fl[pos], lo_known=True)
-    c32 = c32.expand(len(bound))
-    f, n = f_l[pos], n_l[pos]
-    iters = 0
-    blocks = _blocks(False)
-    while True:
-        for _ in range(next(blocks)):
-            if iters > 0:
-                f, n = per_layer(plan.sums(c32, subset, check=False), len(bound), local)
-            c, done = search.step(c32, f, n)
-            c32 = c.float()
-            iters += 1
-        if bool(done.all()):  # the one host sync of this block
-            break
-        if iters >= _MAX_ITERS:
-            raise _not_converged(iters)
-    plan.iterations += iters - 1
-    for i, t in zip(bound, search.round_up(c).tolist()):
-        thresholds[i], binding[i] = t, True
-    return v, thresholds, binding

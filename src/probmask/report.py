@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
 
 __all__ = ["LayerReport", "Report"]
 
@@ -20,6 +24,12 @@ class LayerReport:
     def density(self) -> float:
         return self.kept / self.numel
 
+    def summary(self) -> dict:
+        """``{name, shape, numel, kept, density}``: the per-layer record of results and file metadata."""
+        kept = int(self.kept) if float(self.kept).is_integer() else self.kept
+        return {"name": self.name, "shape": list(self.shape), "numel": self.numel, "kept": kept,
+                "density": self.density}
+
 
 @dataclass(frozen=True)
 class Report:
@@ -27,6 +37,19 @@ class Report:
     fixed: bool  # True: counts of a fixed mask; False: expected counts from the scores
     target_kept: int  # the budget k of the final mask
     extra: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def count_nonzero(cls, tensors: Mapping[str, Tensor], floors: Mapping[str, int] | None = None,
+                      binding: Mapping[str, bool] | None = None) -> Report:
+        """A fixed report of what ``tensors`` (bool masks or finalized weights) keep: their
+        nonzero entries per tensor; the target is the total kept."""
+        floors, binding = floors or {}, binding or {}
+        layers = [
+            LayerReport(name, tuple(t.shape), t.numel(), float(torch.count_nonzero(t.detach())), floors.get(name, 0),
+                        binding.get(name, False))
+            for name, t in tensors.items()
+        ]
+        return cls(layers, fixed=True, target_kept=int(sum(layer.kept for layer in layers)))
 
     @property
     def total(self) -> int:

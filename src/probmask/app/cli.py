@@ -1,16 +1,15 @@
 """The ``probmask`` command (also ``python -m probmask``).
 
 Subcommands are added by registrars, functions ``register(subparsers)`` that add one or more
-parsers and set ``func`` (called with the parsed arguments, returning the exit status). ``run``
-is registered here; modules named in ``PLUGIN_MODULES`` contribute theirs when they exist. A
+parsers and set ``func`` (called with the parsed arguments, returning the exit status): ``run``
+here, ``export`` and ``eval`` in :mod:`probmask.app.deploy_cli`. A
 :class:`probmask.app.errors.UserError` raised by any subcommand is printed as one line on stderr and
-the exit status is 2.
+the exit status is 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
@@ -18,15 +17,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from probmask.app import deploy_cli
 from probmask.app.errors import UserError
 
 if TYPE_CHECKING:  # the runner (torch, data, models) is imported only when a run starts
-    from probmask.app.runner import RunResult
+    from probmask.app.experiment import RunResult
 
-__all__ = ["PLUGIN_MODULES", "REGISTRARS", "build_parser", "main"]
+__all__ = ["REGISTRARS", "build_parser", "main"]
 
 Registrar = Callable[[Any], None]  # register(subparsers) with argparse's subparsers action
-PLUGIN_MODULES = ("probmask.app.deploy_cli",)  # each may expose register(subparsers)
 RUN_EPILOG = """\
 examples:
   probmask run                                        the default job: LeNet-300-100, mnist5k, 99%
@@ -102,8 +101,8 @@ def default_run_dir(cfg: Any) -> Path:
 
 def _resolve_run(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     """(config, run directory, resume?) from the arguments; refuses mismatched combinations."""
+    from probmask.app.artifacts import CONFIG
     from probmask.app.config import config_diff, load_config
-    from probmask.app.runner import CONFIG
 
     if args.resume is None:
         cfg = load_config(args.config, args.overrides)
@@ -157,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     and the run directory for all, logs, writes the files and prints the summary."""
     from probmask.app.config import config_to_yaml
     from probmask.app.distributed import DistContext
-    from probmask.app.runner import run_experiment
+    from probmask.app.experiment import run_experiment
 
     dist = DistContext.from_env()
     try:
@@ -178,20 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
-REGISTRARS: list[Registrar] = [register_run]
-
-
-def _registrars() -> list[Registrar]:
-    found = list(REGISTRARS)
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # the module exists but something it imports is missing
-                raise
-            continue
-        found.append(module.register)
-    return found
+REGISTRARS: list[Registrar] = [register_run, deploy_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sparsify neural networks under one global budget with probabilistic masks (ProbMask).",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in _registrars():
+    for register in REGISTRARS:
         register(subparsers)
     return parser
 

@@ -25,8 +25,9 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from probmask.app.config import DataConfig
 from probmask.app.errors import UserError
+from probmask.app.registry import Registry
 
-__all__ = ["DataSplits", "dataset_names", "load_data", "register_dataset"]
+__all__ = ["DATASETS", "DataSplits", "dataset_names", "load_data", "register_dataset"]
 
 MNIST5K_SPLIT_SEED = 0  # fixed: the mnist5k test set is the same in every run
 MNIST5K_TEST_PER_CLASS = 100
@@ -43,23 +44,16 @@ class DataSplits:
 
 
 DataLoaderFn = Callable[[DataConfig], DataSplits]
-_DATASETS: dict[str, DataLoaderFn] = {}
+DATASETS: Registry[DataLoaderFn] = Registry("data set")
 
 
 def register_dataset(name: str) -> Callable[[DataLoaderFn], DataLoaderFn]:
     """Decorator: register ``load(cfg: DataConfig) -> DataSplits`` under ``name``."""
-
-    def decorate(fn: DataLoaderFn) -> DataLoaderFn:
-        if name in _DATASETS:
-            raise ValueError(f"data set name {name!r} is taken")
-        _DATASETS[name] = fn
-        return fn
-
-    return decorate
+    return DATASETS.register(name)
 
 
 def dataset_names() -> list[str]:
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def _subset(ds: Dataset, size: int | None) -> Dataset:
@@ -72,10 +66,7 @@ def _subset(ds: Dataset, size: int | None) -> Dataset:
 
 def load_data(cfg: DataConfig) -> DataSplits:
     """Load data set ``cfg.name``; :class:`UserError` for an unknown name or missing files."""
-    fn = _DATASETS.get(cfg.name)
-    if fn is None:
-        raise UserError(f"unknown data set {cfg.name!r}: choose one of {', '.join(dataset_names())}")
-    splits = fn(cfg)
+    splits = DATASETS.get(cfg.name)(cfg)
     if cfg.train_size is not None or cfg.test_size is not None:
         splits.train = _subset(splits.train, cfg.train_size)
         splits.train_eval = _subset(splits.train_eval, cfg.train_size)  # the same indices

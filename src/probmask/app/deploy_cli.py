@@ -3,35 +3,24 @@
 ``register(subparsers)`` adds both subcommands to the main ``probmask`` parser; each sets
 ``func`` to a handler ``(args) -> exit status``. Bad input (a run directory without a finished
 model, a corrupted or truncated file, a file for another architecture, a missing export
-dependency) prints one line to stderr and returns 2, without a traceback.
-
-``python -m probmask.app.deploy_cli export|eval ...`` runs them without the rest of the CLI.
+dependency) raises :class:`~probmask.app.errors.UserError`: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from probmask.export import FORMATS, SUFFIXES, Checkpoint, CheckpointError, load, load_into, save
+from probmask.app import artifacts
+from probmask.app.errors import UserError
+from probmask.export import FORMATS, SUFFIXES, Checkpoint, save
 
-__all__ = ["eval_command", "export_command", "main", "register"]
-
-log = logging.getLogger(__name__)
-
-EXIT_USER_ERROR = 2
-
-
-class _Fail(Exception):
-    """A message for the user; the command exits with status 2."""
+__all__ = ["eval_command", "export_command", "register"]
 
 
 def register(subparsers: Any) -> None:
@@ -65,49 +54,6 @@ def register(subparsers: Any) -> None:
     e.set_defaults(func=eval_command)
 
 
-def _source_file(source: str) -> Path:
-    path = Path(source)
-    if path.is_dir():
-        model = path / "model.pt"
-        if not model.is_file():
-            state = ("it has no results.json either: the run has not finished"
-                     if not (path / "results.json").is_file() else "results.json is there but model.pt is not")
-            raise _Fail(f"{path} has no model.pt ({state}); pass a finished run directory or a model file")
-        return model
-    if not path.exists():
-        raise _Fail(f"{path} does not exist")
-    return path
-
-
-def _rebuild(ckpt: Checkpoint, where: Path) -> nn.Module:
-    """Build the architecture named in the metadata and load the weights into it."""
-    from probmask.app.errors import UserError
-    from probmask.app.models import build_model, check_input
-
-    meta = ckpt.meta
-    missing = [k for k in ("model", "num_classes", "input_shape") if k not in meta]
-    if missing:
-        raise _Fail(
-            f"{where} has no {', '.join(missing)} in its metadata, so the model cannot be rebuilt; "
-            "load it into your own model with torch / safetensors instead"
-        )
-    options = meta.get("model_options") or {}
-    if not isinstance(options, dict):
-        raise _Fail(f"{where}: model_options in the metadata is not a mapping")
-    try:
-        num_classes = int(meta["num_classes"])
-        input_shape = [int(s) for s in meta["input_shape"]]
-    except (TypeError, ValueError):
-        raise _Fail(f"{where}: num_classes / input_shape in the metadata are malformed") from None
-    try:
-        model = build_model(str(meta["model"]), num_classes=num_classes, input_shape=input_shape, **options)
-        load_into(model, ckpt)
-        check_input(model, input_shape, str(meta["model"]))
-    except UserError as err:
-        raise _Fail(f"{where}: cannot rebuild the model: {err}") from None
-    return model.eval()
-
-
 def _default_out(source: str, model_file: Path, fmt: str) -> Path:
     if Path(source).is_dir():
         return Path(source) / "export" / f"model{SUFFIXES[fmt]}"
@@ -123,44 +69,52 @@ def _dense_bytes(ckpt: Checkpoint) -> int:
     return sum(t.numel() * t.element_size() for t in ckpt.state_dict.values())
 
 
+def _optional(module: str) -> Any:
+    """Import an optional export dependency, or say how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        raise UserError(f"{module} is not installed; install the export extras: "
+                        "pip install 'probmask[export]'") from None
+
+
 def export_command(args: argparse.Namespace) -> int:
     """Handler of ``probmask export``."""
-    return _guard("export", lambda: _export(args))
-
-
-def _export(args: argparse.Namespace) -> None:
-    model_file = _source_file(args.source)
-    ckpt = load(model_file)
+    model_file = artifacts.model_file(args.source)
+    ckpt = artifacts.read_model_file(model_file)
     out = Path(args.out) if args.out else _default_out(args.source, model_file, args.format)
     if out.resolve() == model_file.resolve():
-        raise _Fail(f"exporting to {out} would overwrite the input: pass --out")
+        raise UserError(f"exporting to {out} would overwrite the input: pass --out")
     if args.format == "onnx":
-        from probmask.export import export_onnx
+        from probmask.export import OnnxMismatch, export_onnx
 
-        model = _rebuild(ckpt, model_file)
-        check = export_onnx(model, out, ckpt.meta["input_shape"], meta=_onnx_meta(ckpt), check=not args.no_check)
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            _optional(module)
+        model = artifacts.rebuild(ckpt, model_file)
+        try:
+            check = export_onnx(model, out, ckpt.meta["input_shape"], meta=_onnx_meta(ckpt), check=not args.no_check)
+        except OnnxMismatch as err:
+            raise UserError(f"{err}; the file was written to {out} (pass --no-check to skip the comparison)") from None
         print(f"wrote {out} ({out.stat().st_size:,} bytes, onnx)")
         if check is not None:
             print(f"onnxruntime matches PyTorch: max |diff| {check.max_abs_diff:.2e} on batches "
                   f"{', '.join(map(str, check.batch_sizes))} (tolerance 1e-4)")
-        return
+        return 0
     if ckpt.meta.get("model") and ckpt.meta.get("input_shape"):
-        _rebuild(ckpt, model_file)  # refuse a file whose weights do not fit its named architecture
+        artifacts.rebuild(ckpt, model_file)  # refuse a file whose weights do not fit its named architecture
+    if args.format in ("safetensors", "sparse"):
+        _optional("safetensors")
     save(ckpt, out, args.format)
     size = out.stat().st_size
     dense = _dense_bytes(ckpt)
     print(f"wrote {out} ({size:,} bytes, {args.format}; the dense weights are {dense:,} bytes: "
           f"{size / dense:.3f}x) sparsity {ckpt.sparsity:.4f}")
+    return 0
 
 
 def _onnx_meta(ckpt: Checkpoint) -> dict[str, Any]:
     keep = ("model", "model_options", "num_classes", "input_shape", "data", "sparsity", "kept", "total")
     return {k: ckpt.meta[k] for k in keep if k in ckpt.meta}
-
-
-def eval_command(args: argparse.Namespace) -> int:
-    """Handler of ``probmask eval``."""
-    return _guard("eval", lambda: _eval(args))
 
 
 def _test_batches(ckpt: Checkpoint, data_root: str | None, batch_size: int) -> Any:
@@ -169,7 +123,6 @@ def _test_batches(ckpt: Checkpoint, data_root: str | None, batch_size: int) -> A
 
     from probmask.app.config import config_from_dict
     from probmask.app.data import load_data
-    from probmask.app.errors import UserError
 
     config = ckpt.meta.get("config")
     if not isinstance(config, dict):
@@ -186,14 +139,15 @@ def _test_batches(ckpt: Checkpoint, data_root: str | None, batch_size: int) -> A
     return DataLoader(splits.test, batch_size=batch_size, shuffle=False)
 
 
-def _eval(args: argparse.Namespace) -> None:
+def eval_command(args: argparse.Namespace) -> int:
+    """Handler of ``probmask eval``."""
     from probmask.evaluate import evaluate
 
     if args.batch_size < 1:
-        raise _Fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    model_file = _source_file(args.source)
-    ckpt = load(model_file)
-    model = _rebuild(ckpt, model_file)
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model_file = artifacts.model_file(args.source)
+    ckpt = artifacts.read_model_file(model_file)
+    model = artifacts.rebuild(ckpt, model_file)
     batches = None
     note = None
     if not args.no_accuracy:
@@ -218,33 +172,4 @@ def _eval(args: argparse.Namespace) -> None:
             print(f"(the run recorded a test accuracy of {recorded:.2f}%)")
     if note:
         print(note, file=sys.stderr)
-
-
-def _guard(command: str, run: Any) -> int:
-    """Run a command; user-facing failures become one line on stderr and exit status 2."""
-    try:
-        run()
-    except (_Fail, CheckpointError) as err:
-        print(f"probmask {command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except ImportError as err:
-        print(f"probmask {command}: error: {err.name or err} is not installed; "
-              "install the export extras: pip install 'probmask[export]'", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except ValueError as err:  # e.g. an ONNX output that does not match, a file that cannot be encoded
-        print(f"probmask {command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m probmask.app.deploy_cli``: the two commands without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="probmask", description=__doc__.split("\n")[0])
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

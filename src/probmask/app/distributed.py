@@ -5,24 +5,18 @@ collective operations the runner needs. The single-process context (the default)
 of them into a no-op, so the runner has one code path. Nothing here is global: the CLI builds the
 context from torchrun's environment variables with :meth:`DistContext.from_env` and passes it on.
 
-What the runner does with it (see :mod:`probmask.app.runner`): the model's trainable parameters are
+What the runner does with it (see :mod:`probmask.app.training`): the model's trainable parameters are
 wrapped in ``DistributedDataParallel``; gradients of parameters outside the module (a method's
 scores) are averaged here with :meth:`DistContext.average_gradients`, so that every rank takes the
 identical optimizer step and the projection sees identical scores; metrics are summed across
 ranks; decisions (the fixed mask, a resumed checkpoint) are made on rank 0 and broadcast; only
 rank 0 writes files.
 
-Sharded training (FSDP2 ``fully_shard``) is not supported; DDP is the supported path. With
-torch 2.14 on the CPU with gloo, ``fully_shard`` works for a plain model, but not usefully with
-ProbMask: ProbMask samples every layer's mask in one flat pass when the root module's forward
-starts, so with one FSDP unit per layer the weights are still sharded DTensors there and
-the forward fails (mixed ``Tensor`` and ``DTensor``); with a single unit around the whole model
-forward and backward match the unsharded model and the projection runs, but every weight is
-gathered at once (no memory saved on parameters) and finalizing fails on the sharded weights.
-Sharding the scores themselves would take per-layer score shards aligned with FSDP's weight
-shards, mask sampling per unit, the projection's per-layer sums all-reduced in every iteration of
-its threshold search, a distributed top-k to fix the mask and full-state-dict gathering for
-checkpoints and export.
+Sharded training (FSDP) is not supported; DDP is. ProbMask samples every layer's mask in one flat
+pass when the model's forward starts, which needs every prunable weight whole at that moment, and
+its projection and mask fixing work on all scores together; sharding would need mask sampling per
+sharded unit, the projection's per-layer sums all-reduced in every step of its search and a
+distributed top-k.
 """
 
 from __future__ import annotations

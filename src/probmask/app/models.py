@@ -5,7 +5,7 @@ paper's widths 32-64-128; ``width=16`` gives the classic 16-32-64), ``vgg19_bn``
 inputs, and ``torchvision:NAME`` for any torchvision classification model (built with
 ``weights=None``: nothing is ever downloaded). Every builder takes ``num_classes`` and
 ``input_shape`` (one example, ``[C, H, W]``) plus its own keyword options; the same call rebuilds
-a saved model from the ``meta`` block of ``model.pt`` (see :mod:`probmask.app.runner`).
+a saved model from the ``meta`` block of ``model.pt`` (see :mod:`probmask.app.artifacts`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from probmask.app.errors import UserError
+from probmask.app.registry import Registry
 
 __all__ = [
+    "MODELS",
     "TORCHVISION_PREFIX",
     "build_model",
     "check_input",
@@ -32,24 +34,21 @@ __all__ = [
 
 TORCHVISION_PREFIX = "torchvision:"
 ModelBuilder = Callable[..., nn.Module]
-_MODELS: dict[str, ModelBuilder] = {}
+MODELS: Registry[ModelBuilder] = Registry(
+    "model", hint=", or torchvision:NAME for a torchvision classification model (e.g. torchvision:resnet50)"
+)
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator: register ``builder(num_classes, input_shape, **options)`` under ``name``."""
-
-    def decorate(builder: ModelBuilder) -> ModelBuilder:
-        if name in _MODELS or name.startswith(TORCHVISION_PREFIX):
-            raise ValueError(f"model name {name!r} is taken")
-        _MODELS[name] = builder
-        return builder
-
-    return decorate
+    if name.startswith(TORCHVISION_PREFIX):
+        raise ValueError(f"model names starting with {TORCHVISION_PREFIX!r} are torchvision's")
+    return MODELS.register(name)
 
 
 def model_names() -> list[str]:
     """The registered names (``torchvision:NAME`` comes on top of these)."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def _torchvision_names() -> list[str]:
@@ -75,11 +74,8 @@ def check_model_name(name: str) -> None:
                 f"unknown torchvision classification model {tv!r}{hint}; list them with "
                 "torchvision.models.list_models(module=torchvision.models)"
             )
-    elif name not in _MODELS:
-        raise UserError(
-            f"unknown model {name!r}: choose one of {', '.join(model_names())}, "
-            f"or torchvision:NAME for a torchvision classification model (e.g. torchvision:resnet50)"
-        )
+    else:
+        MODELS.get(name)
 
 
 def build_model(name: str, num_classes: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
@@ -91,7 +87,7 @@ def build_model(name: str, num_classes: int, input_shape: Sequence[int], **optio
     shape = tuple(int(s) for s in input_shape)
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(name[len(TORCHVISION_PREFIX):], num_classes, options)
-    builder = _MODELS[name]
+    builder = MODELS.get(name)
     allowed = _builder_options(builder)
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -1,24 +1,22 @@
-"""The optional compiled CPU kernels, and when probmask uses them.
+"""The CPU implementation of the fused kernels: the optional C extension ``probmask.kernels._cpu``.
 
-``probmask.kernels._cpu`` (C, ``src/probmask/_kernels.c``) fuses the hot loops of a training step
-on the CPU into single passes over memory: the relaxed mask's forward pass (noise, logits, mask,
-times the weight), its backward pass (both gradients, regenerating the noise instead of keeping
-the logits: no full-size tensor is saved between the passes) and one evaluation of the
-projection's threshold search. It is built by ``pip install`` when a C compiler and the Python
-headers are present; without it, or with the environment variable ``PROBMASK_NATIVE=0``, the
-same maths runs as PyTorch operations. :func:`available` and :func:`enabled` tell which.
+``src/probmask/kernels/_cpu.c`` fuses the hot loops of a training step on the CPU into single
+passes over memory: the relaxed mask's forward pass (noise, logits, mask, times the weight), its
+backward pass (both gradients, regenerating the noise instead of keeping the logits: no
+full-size tensor is saved between the passes) and one evaluation of the projection's threshold
+search. It is built by ``pip install`` when a C compiler and the Python headers are present;
+:func:`available` tells whether it was. :mod:`probmask.kernels` decides when it is used.
 
-The kernels take float32, contiguous CPU tensors; anything else (float64, CUDA, channels-last
-weights) goes the PyTorch way. Their noise is not ``torch.rand``'s: it is Philox-4x32-10 of the
-flat score index under a 64-bit key drawn from PyTorch's default generator once per forward
-pass, so ``torch.manual_seed`` still makes runs repeatable, and the result does not depend on
-the number of threads. The two ways draw different (equally distributed) noise, so the same seed
-gives different runs with and without the kernels.
+The kernels take float32, contiguous CPU tensors (as NumPy views: they check dtype, layout and
+lengths before touching memory). Their noise is Philox-4x32-10 of the flat score index under a
+63-bit key drawn from PyTorch's generator once per forward pass, so ``torch.manual_seed`` still
+makes runs repeatable, and the result does not depend on the number of threads. It is not
+``torch.rand``'s: the same seed gives different (equally distributed) runs with and without the
+kernels.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -29,29 +27,12 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     _kernels = None
 
-__all__ = [
-    "available", "clamp_sums", "draw_seed", "enabled", "philox", "relaxed_backward", "relaxed_forward",
-    "supports", "uniform",
-]
-
-ENV = "PROBMASK_NATIVE"
+__all__ = ["available", "clamp_sums", "philox", "relaxed_backward", "relaxed_forward", "uniform"]
 
 
 def available() -> bool:
     """Whether the compiled kernels were built and import."""
     return _kernels is not None
-
-
-def enabled() -> bool:
-    """Whether probmask uses them: available and not turned off with ``PROBMASK_NATIVE=0``."""
-    return _kernels is not None and os.environ.get(ENV, "1") != "0"
-
-
-def supports(*tensors: Tensor) -> bool:
-    """Whether the kernels are enabled and take these tensors (float32, contiguous, CPU)."""
-    return enabled() and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
-    )
 
 
 def _threads() -> int:
@@ -65,11 +46,6 @@ def _kernels_module():
             "time?): reinstall with them, or use the PyTorch path (probmask does so by itself)"
         )
     return _kernels
-
-
-def draw_seed() -> int:
-    """A 63-bit key for the noise, drawn from PyTorch's default generator."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
 def _buffer(t: Tensor):

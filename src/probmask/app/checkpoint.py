@@ -1,0 +1,106 @@
+"""Checkpoints of a run: what is saved at the end of every epoch, and how a run resumes from it.
+
+``checkpoint.pt`` is written atomically (see :mod:`probmask.atomic_io`) at the end of every epoch
+and after fixing the mask, so a kill never loses a finished epoch. It holds the model, method,
+optimizer and scheduler states, every process's random-number state, the phase and the epochs of
+that phase completed and the metrics so far, all loadable with ``torch.load(weights_only=True)``.
+``run --resume DIR`` continues from it and ends with the same numbers as an uninterrupted run
+(on the CPU, same seed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from probmask.app.config import ExperimentConfig, config_diff, config_from_dict, config_to_dict
+from probmask.app.distributed import DistContext
+from probmask.app.errors import UserError
+from probmask.atomic_io import atomic_write_file
+
+__all__ = ["VERSION", "read", "restore_rng", "rng_state", "to_cpu", "write"]
+
+log = logging.getLogger(__name__)
+
+VERSION = 2
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random-number state: PyTorch's CPU generator, and CUDA's when used."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in nested dicts, lists and tuples moved to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def write(path: Path, cfg: ExperimentConfig, phase: str, epoch: int, state: Mapping[str, Any],
+          dist: DistContext, device: torch.device) -> None:
+    """Save ``state`` (model, method, optimizers, schedulers, history) with the config, the phase,
+    ``epoch`` (epochs of that phase completed) and every rank's RNG state. A collective: every
+    rank calls it; rank 0 writes."""
+    ranks = dist.all_gather_object(rng_state(device)) if dist.enabled else None
+    if not dist.is_main:
+        return
+    data = {"version": VERSION, "config": config_to_dict(cfg), "phase": phase, "epoch": epoch, **state,
+            "rng": rng_state(device), "world_size": dist.world_size}
+    if ranks is not None:
+        data["rng_ranks"] = ranks
+    atomic_write_file(path, lambda f: torch.save(data, f))
+
+
+def read(path: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The checkpoint's contents, checked against ``cfg`` (None without a checkpoint)."""
+    if not path.exists():
+        return None
+    try:
+        # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: say which and what to do  # noqa: BLE001
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {first}); "
+                        "delete it to restart the run from the beginning") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise UserError(f"{path} is not a probmask run checkpoint of this version; "
+                        "delete it to restart the run from the beginning")
+    saved = config_from_dict(state["config"], where=f"{path}")
+    diff = config_diff(saved, cfg)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff[:4])
+        raise UserError(f"{path.parent} was run with a different config ({shown}); "
+                        "resume it with its own config or start a new run with --out")
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], dist: DistContext, device: torch.device) -> None:
+    """This rank's random streams as saved; with another number of processes only rank 0's."""
+    saved_world = int(state.get("world_size", 1))
+    ranks = state.get("rng_ranks")
+    if saved_world != dist.world_size and dist.is_main:
+        log.warning("resuming a run of %d process(es) with %d: the mask noise differs from an "
+                    "uninterrupted run", saved_world, dist.world_size)
+    if ranks is not None and len(ranks) == dist.world_size:
+        _set_rng_state(ranks[dist.rank], device)
+    elif dist.is_main:
+        _set_rng_state(state["rng"], device)
