@@ -146,18 +146,21 @@ class _RelaxedMaskedWeights(torch.autograd.Function):
 
 
 def relaxed_masked_weights(
-    scores: Tensor, weights: list[Tensor], temperature: float, work: Tensor | None = None, *, fused: bool = True
+    scores: Tensor, weights: list[Tensor], temperature: float, work: Tensor | None = None, *,
+    fused: bool | None = None,
 ) -> tuple[Tensor, ...]:
     """``weights[l] * m_l`` for every layer, with fresh relaxed masks of the flat ``scores``.
 
     ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``.
-    With ``fused`` (and tensors the fused operators take, see :mod:`probmask.kernels`) this is
+    With ``fused`` (default: :func:`probmask.kernels.settings`) and tensors the fused operators take
+    (see :mod:`probmask.kernels`), this is
     ``torch.ops.probmask.relaxed_masked_weights`` with counter-based noise under a key drawn from
     PyTorch's generator; otherwise PyTorch operations draw one flat ``torch.rand`` in layer order
     (on the CPU, the same numbers as one draw per layer in turn). Both ways compute the same maths.
     ``work`` is an optional kept scratch tensor shaped like ``scores`` for the PyTorch way, used
     only during the forward and the backward call (never across them).
     """
+    fused = kernels.settings().fused if fused is None else fused
     fused = fused and kernels.available(scores.device.type) and kernels.takes(scores, *weights)
     return sample_masked_weights(scores, weights, temperature, work, fused=fused)
 

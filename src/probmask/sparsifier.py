@@ -228,8 +228,10 @@ class ProbMask(MaskedModel):
         self._projected_binding = result.floor_binding.tolist()
 
     def stats(self) -> dict[str, float]:
-        """``density`` (expected before fixing), ``budget`` (keep ratio) and ``temperature``."""
-        return {**super().stats(), "budget": self.budget / self.total, "temperature": self.temperature}
+        """``density`` (the expected kept fraction before fixing), ``budget`` (keep ratio) and
+        ``temperature``."""
+        density = super().stats()["density"] if self._fixed else float(self.scores.detach().sum()) / self.total
+        return {"density": density, "budget": self.budget / self.total, "temperature": self.temperature}
 
     # ------------------------------------------------------------------ fixing
     @torch.no_grad()
