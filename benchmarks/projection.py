@@ -39,7 +39,6 @@ from torch import nn
 import probmask
 from probmask import kernels
 from probmask.app.models import build_model
-from probmask.kernels import cpu as native
 
 LR = 6e-3  # the paper's score learning rate: the size of one Adam step per coordinate
 
@@ -198,6 +197,13 @@ def bench_model(name: str, model: nn.Module, keep: float, reps: int, device: tor
         )
 
 
+def _kernels_note(device: torch.device) -> str:
+    impl = "C" if device.type == "cpu" else "Triton"
+    if not kernels.available(device.type):
+        return f"off ({impl} implementation not available here)"
+    return f"on ({impl})" if kernels.settings().fused else f"off (PROBMASK_KERNELS=0; {impl} available)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions, a smoke run")
@@ -211,8 +217,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f"; compiled CPU kernels: {'on' if kernels.settings().fused and native.available() else 'off'}"
-        + ("" if native.available() else " (not built)")
+        + "; fused kernels: " + _kernels_note(device)
     )
     for name, make, reps in (("LeNet-300-100", lenet, 50), ("ResNet-50", resnet50, 11)):
         reps = args.reps or (3 if args.quick else reps)

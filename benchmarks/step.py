@@ -46,7 +46,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import probmask
 from probmask import kernels
 from probmask.app.models import build_model
-from probmask.kernels import cpu as native
 
 SPARSITY = 0.99
 
@@ -177,6 +176,13 @@ def bench(name: str, width: int, reps: int, warmup: int, device: torch.device) -
         )
 
 
+def _kernels_note(device: torch.device) -> str:
+    impl = "C" if device.type == "cpu" else "Triton"
+    if not kernels.available(device.type):
+        return f"off ({impl} implementation not available here)"
+    return f"on ({impl})" if kernels.settings().fused else f"off (PROBMASK_KERNELS=0; {impl} available)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions, a smoke run")
@@ -192,8 +198,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f"; compiled CPU kernels: {'on' if kernels.settings().fused and native.available() else 'off'}"
-        + ("" if native.available() else " (not built)")
+        + "; fused kernels: " + _kernels_note(device)
     )
     for name in args.models.split(","):
         if name not in ("lenet", "resnet32"):

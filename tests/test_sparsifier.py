@@ -401,3 +401,20 @@ def test_scores_on_other_device_are_reported():
     pm.scores = torch.ones(pm.total, device="meta")
     with pytest.raises(RuntimeError, match="move the model before creating ProbMask"):
         model(torch.randn(2, 1, 28, 28))
+
+
+def test_readme_library_example_runs_verbatim():
+    """The README's first Python block, as written, on a small model and loader it assumes."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## The library in your own training loop", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    model = lenet300()
+    data = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(3)]
+    env = {"model": model, "loader": data, "loss_fn": nn.functional.cross_entropy, "epochs": 3}
+    exec(compile(block, "README.md", "exec"), env)
+    pm = env["pm"]
+    assert env["small"] is model and not hasattr(model[1], "parametrizations")
+    kept = sum(int(torch.count_nonzero(model.get_parameter(t.name))) for t in pm.targets)
+    assert kept == pm.target_kept == int(0.01 * pm.total + 1e-6)

@@ -46,7 +46,7 @@ def _real(x: Any) -> float | None:
 
 def kept_count(sparsity: float, total: int) -> int:
     """The exact number of the ``total`` elements kept at ``sparsity``: ``floor((1 - s) * n)``,
-    without losing one to rounding (``0.1 * 266200`` is ``26619.999...`` in floating point)."""
+    without losing one to rounding (``(1 - 0.9) * 266200`` is ``26619.999999999993`` in floating point)."""
     return int(math.floor((1.0 - sparsity) * total + 1e-6))
 
 

@@ -55,7 +55,7 @@ class ProbMask(MaskedModel):
 
     Args (besides those of :class:`~probmask.masked.MaskedModel`: ``model``, ``sparsity``,
     ``module_types``, ``include``, ``exclude``, ``floor``, ``freeze_weights``):
-        score_init: initial keep-probability. At exactly 1 a score still gets a (small) gradient,
+        score_init: initial keep-probability. At exactly 1 a score still gets its true gradient,
             because the relaxation's derivative is computed in a form that does not round to 0.
         budget: keep-ratio schedule (default: the paper's cubic schedule to ``1 - sparsity``).
         temperature: inverse-temperature schedule (default: the paper's, 1 -> 33).
