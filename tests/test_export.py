@@ -265,3 +265,40 @@ def test_unknown_format_and_unserialisable_meta(tmp_path, cnn_ckpt):
         export.save(cnn_ckpt, tmp_path / "m.x", "zip")
     with pytest.raises(ValueError, match="JSON"):
         export.make_meta({}, model=nn.Linear(1, 1))
+
+
+def test_the_recipes_for_reading_files_without_probmask_run_verbatim(tmp_path, monkeypatch):
+    """The recipe in probmask.export's docstring and the README's snippet, exactly as written, on
+    files of a pruned torchvision model."""
+    import textwrap
+    from pathlib import Path
+
+    import torchvision
+
+    import probmask
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    pm = probmask.ProbMask(model, 0.9)
+    pm.fix_mask()
+    masks = pm.masks()
+    pm.finalize()
+    ckpt = Checkpoint(model.state_dict(), masks, {"model": "torchvision:mobilenet_v3_small"})
+    export.save_pt(ckpt, tmp_path / "model.pt")
+    export.save_safetensors(ckpt, tmp_path / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+
+    doc = export.__doc__.split("then::\n", 1)[1].split("\nThe ``sparse`` format", 1)[0]
+    env: dict = {}
+    exec(compile(textwrap.dedent(doc), "probmask/export/__init__.py", "exec"), env)
+    assert env["meta"]["model"] == "torchvision:mobilenet_v3_small"
+    for name, value in model.state_dict().items():
+        assert torch.equal(env["model"].state_dict()[name], value), name
+    assert all(torch.equal(env["masks"][k], v) for k, v in masks.items())
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if b.startswith("ckpt = torch.load"))
+    fresh = torchvision.models.mobilenet_v3_small(num_classes=10)
+    env = {"torch": torch, "model": fresh}
+    exec(compile(snippet, "README.md", "exec"), env)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())

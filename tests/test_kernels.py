@@ -124,3 +124,21 @@ def test_a_probmask_created_with_the_kernels_off_draws_pytorch_noise():
     (expected,) = relaxed_masked_weights(pm.scores.detach(), [model.parametrizations.weight.original.detach()],
                                          pm.temperature, fused=False)
     torch.testing.assert_close(out.detach(), expected.T, rtol=0, atol=0)
+
+
+@needs_c
+def test_the_eager_path_equals_the_operator_bit_for_bit():
+    """Eager mode calls the operator's implementations without the dispatcher: the same outputs
+    and gradients, bit for bit, as the registered operator with its autograd formula."""
+    scores, weights = _layers(4)
+    seed = torch.tensor(4242, dtype=torch.int64)
+    upstream = [torch.randn_like(w) for w in weights]
+    results = []
+    for fn in (ops.fused_relaxed_masked_weights, ops.relaxed_masked_weights):
+        s = scores.clone().requires_grad_()
+        ws = [w.clone().requires_grad_() for w in weights]
+        outs = fn(s, ws, 1.5, seed)
+        grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(outs, upstream)), [s, *ws])
+        results.append([*outs, *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from probmask.export import sparse_nbytes
+from probmask.report import Report
 from probmask.sparse import SparseConv2d, SparseLinear
 
 __all__ = ["EvalReport", "LayerMacs", "MacReport", "accuracy", "count_macs", "evaluate"]
@@ -139,7 +140,7 @@ class EvalReport:
     sparse_bytes: int
     macs: MacReport
     test_accuracy: float | None = None
-    layers: list[dict[str, Any]] = field(default_factory=list)  # per pruned parameter: kept/density
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per pruned parameter: LayerReport.summary()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -194,12 +195,9 @@ def evaluate(
     unknown = [name for name in masks if name not in state]
     if unknown:
         raise ValueError(f"masks {unknown[:3]} name no tensor of the model")
-    kept = sum(int(m.sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
-    layers = [
-        {"name": n, "numel": m.numel(), "kept": int(m.sum()), "density": int(m.sum()) / m.numel()}
-        for n, m in masks.items()
-    ]
+    report = Report.count_nonzero(masks)
+    kept, total = int(report.kept), report.total
+    layers = [layer.summary() for layer in report.layers]
     dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
     return EvalReport(
         sparsity=1.0 - kept / total if total else 0.0,

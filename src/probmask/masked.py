@@ -173,7 +173,11 @@ class MaskedModel:
         """Fix the final binary mask (see :meth:`_final_mask`); trainable scores stop training.
         Returns the flat bool mask."""
         self._require_live()
-        mask = self._final_mask(score_fn, generator).to(torch.bool)
+        return self._fix(self._final_mask(score_fn, generator))
+
+    def _fix(self, mask: Tensor) -> Tensor:
+        """Make ``mask`` the fixed mask after checking it against the budget."""
+        mask = mask.to(torch.bool)
         kept = int(mask.sum())
         if mask.shape != (self.total,) or kept > self.target_kept:
             raise RuntimeError(f"{type(self).__name__} fixed {kept} elements for a budget of {self.target_kept}")

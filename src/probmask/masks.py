@@ -153,8 +153,8 @@ def relaxed_masked_weights(
 
     ``scores`` holds the layers' keep-probabilities back to back, in the order of ``weights``.
     With ``fused`` (default: :func:`probmask.kernels.settings`) and tensors the fused operators take
-    (see :mod:`probmask.kernels`), this is
-    ``torch.ops.probmask.relaxed_masked_weights`` with counter-based noise under a key drawn from
+    (see :mod:`probmask.kernels`), this is the operator ``probmask::relaxed_masked_weights``
+    (:func:`probmask.kernels.ops.fused_relaxed_masked_weights`) with counter-based noise under a key drawn from
     PyTorch's generator; otherwise PyTorch operations draw one flat ``torch.rand`` in layer order
     (on the CPU, the same numbers as one draw per layer in turn). Both ways compute the same maths.
     ``work`` is an optional kept scratch tensor shaped like ``scores`` for the PyTorch way, used
@@ -173,7 +173,7 @@ def sample_masked_weights(
     draws a fresh 63-bit noise key from the generator of the scores' device."""
     if fused:
         seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=scores.device)
-        return tuple(ops.relaxed_masked_weights(scores, list(weights), float(temperature), seed))
+        return ops.fused_relaxed_masked_weights(scores, list(weights), float(temperature), seed)
     return _torch_relaxed(scores, weights, float(temperature), work)
 
 

@@ -22,7 +22,7 @@ class LayerReport:
 
     @property
     def density(self) -> float:
-        return self.kept / self.numel
+        return self.kept / self.numel if self.numel else 0.0
 
     def summary(self) -> dict:
         """``{name, shape, numel, kept, density}``: the per-layer record of results and file metadata."""
@@ -61,7 +61,7 @@ class Report:
 
     @property
     def density(self) -> float:
-        return self.kept / self.total
+        return self.kept / self.total if self.total else 0.0
 
     @property
     def sparsity(self) -> float:

@@ -251,21 +251,25 @@ class ProbMask(MaskedModel):
         Without arguments, the ``fix`` and ``fix_samples`` given at creation. The scores stop
         training afterwards. Returns the flat bool mask.
         """
+        self._require_live()
         method = self.fix if method is None else method
         num_samples = self.fix_samples if num_samples is None else num_samples
+        return self._fix(self._choose(method, num_samples, score_fn, generator))
+
+    def _final_mask(self, score_fn: Callable[[], float] | None, generator: torch.Generator | None) -> Tensor:
+        return self._choose(self.fix, self.fix_samples, score_fn, generator)
+
+    def _choose(self, method: str, num_samples: int, score_fn: Callable[[], float] | None,
+                generator: torch.Generator | None) -> Tensor:
         _check_fix(method, num_samples)
         if method == "sample" and num_samples > 1 and score_fn is None:
             raise ValueError("fix_mask('sample', num_samples > 1) needs score_fn to pick the best")
-        self._method, self._num_samples = method, num_samples
-        return super().fix_mask(score_fn=score_fn, generator=generator)
-
-    def _final_mask(self, score_fn: Callable[[], float] | None, generator: torch.Generator | None) -> Tensor:
         scores = self.scores.detach()
         args = (self.target_kept, self.layout.sizes, self.floors)
-        if self._method == "topk":
+        if method == "topk":
             return topk_mask(scores, *args)
         best, best_value = None, -math.inf
-        for i in range(self._num_samples):
+        for i in range(num_samples):
             candidate = sample_mask(scores, *args, generator=generator)
             if score_fn is None:
                 return candidate
@@ -273,8 +277,8 @@ class ProbMask(MaskedModel):
             try:
                 value = float(score_fn())
             finally:
-                self._fixed = False
-            log.info("fix_mask: sample %d/%d scored %.4f", i + 1, self._num_samples, value)
+                self.mask, self._fixed = None, False
+            log.info("fix_mask: sample %d/%d scored %.4f", i + 1, num_samples, value)
             if value > best_value:
                 best, best_value = candidate, value
         assert best is not None

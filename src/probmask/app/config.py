@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from probmask.app.errors import UserError
+from probmask.budget import check_sparsity
 
 __all__ = [
     "DataConfig",
@@ -216,9 +217,10 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: ExperimentConfig) -> None:
     """Range checks of every value; raises :class:`UserError` naming the key and the fix."""
     t, p, f, d = cfg.train, cfg.prune, cfg.finetune, cfg.data
-    _check(0.0 < p.sparsity < 1.0,
-           f"prune.sparsity is the fraction of weights removed and must lie strictly between 0 and 1 "
-           f"(e.g. 0.99 keeps 1%), got {p.sparsity}")
+    try:
+        check_sparsity(p.sparsity)
+    except ValueError as err:
+        raise UserError(f"prune.{err}") from None
     _check(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     _check(t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}")
     _check(t.samples >= 1, f"train.samples (K mask samples per batch) must be at least 1, got {t.samples}")

@@ -11,7 +11,7 @@ Rebuild the architecture yourself (torchvision or your own code: the ``state_dic
 original model's), then::
 
     import json, torch, torchvision
-    model = torchvision.models.resnet50(num_classes=10)          # or your own nn.Module
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)  # or your own nn.Module
 
     # .pt (the run directory's model.pt is this format)
     ckpt = torch.load("model.pt", map_location="cpu", weights_only=True)
