@@ -77,7 +77,7 @@ def read(path: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     try:
         # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: say which and what to do  # noqa: BLE001
+    except Exception as err:  # any unreadable file: say which and what to do
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(f"cannot read {path} ({type(err).__name__}: {first}); "
                         "delete it to restart the run from the beginning") from None
