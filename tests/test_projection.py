@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probmask import kernels, projection, threshold_search
+from probmask import kernels, projection
 from probmask.projection import project, project_
 
 WAYS = {  # name: (fused, search)
@@ -227,41 +227,3 @@ def test_converges_when_the_sums_jitter(monkeypatch):
     result = project_(out, 300.0, sizes=sizes, floors=floors)
     assert result.floor_binding.tolist() == [False, True, True]
     torch.testing.assert_close(out, exact, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("case", [
-    (-4.910684195971845e-07, 3000, 5.816459971044978e-05, -4.689979943363157e-07),
-    (-8.927440532224757e-07, 1000, 3.176715078159125e-05, -8.636031007772048e-07),
-    (-5.372379977476419e-07, 30000, 4.918238245180561e-05, -5.327848916278826e-07),
-])
-def test_search_does_not_cycle_on_a_jump(case, way):
-    """f jumps across the target at a root (f = target + A left of it, target - A right of it):
-    the Newton steps from each end of the bracket land, once rounded to float32, on the other
-    end. Both searches must bisect instead of cycling (the earlier check compared the unrounded
-    step with the bracket and cycled in about half of such cases until the iteration limit)."""
-    if way != "pytorch":
-        pytest.skip("the searches are plain functions of f: tested once")
-    root, n, jump, start = case
-    target = 3.0
-
-    def f(c: float) -> float:
-        return target + jump if c < root else target - jump
-
-    host = threshold_search._HostSearch(root - 1.0, target, lo_known=True)
-    c = threshold_search._f32(start)
-    for _ in range(64):
-        nxt, done = host.step(c, f(c), float(n))
-        if done:
-            break
-        c = threshold_search._f32(nxt)
-    assert done and abs(threshold_search._HostSearch.round_up(nxt) - root) < 1e-12
-
-    as_t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
-    device = threshold_search._DeviceSearch(as_t(root - 1.0), as_t(target), lo_known=True)
-    c32 = torch.tensor([start], dtype=torch.float32)
-    for _ in range(64):
-        nxt_t, done_t = device.step(c32, as_t(f(float(c32))), as_t(float(n)))
-        if bool(done_t.all()):
-            break
-        c32 = nxt_t.float()
-    assert bool(done_t.all()) and abs(float(device.round_up(nxt_t)) - root) < 1e-12
