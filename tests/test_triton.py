@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_util import PHILOX_KNOWN_ANSWERS  # noqa: E402
 from probmask.kernels import cpu as native  # noqa: E402
 from probmask.kernels import triton as tk  # noqa: E402
 from probmask.masks import EPS, relaxed_mask  # noqa: E402
@@ -51,18 +52,7 @@ def _masks(scores, temperature, seed, sizes=SIZES):
 
 
 # ------------------------------------------------------------------------------ the noise
-@pytest.mark.parametrize(
-    ("counter", "key", "expected"),
-    [  # Random123's published known answers for Philox-4x32-10
-        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        (
-            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-            (0xA4093822, 0x299F31D0),
-            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-        ),
-    ],
-)
+@pytest.mark.parametrize(("counter", "key", "expected"), PHILOX_KNOWN_ANSWERS)
 def test_philox_known_answers(counter, key, expected):
     assert tk.philox(counter, key, DEVICE) == expected
 
