@@ -208,6 +208,7 @@ USER_ERRORS = {
     "sparsity 0": (lambda t: ["prune.sparsity=0"], "must lie in (0, 1), got 0.0 (float; e.g. 0.99 keeps 1%)"),
     "unknown method": (lambda t: ["prune.method=snip"],
                        "unknown prune.method 'snip': choose one of dense, edgepopup, gmp, gmp_uniform, oneshot, probmask"),
+    "misspelt method": (lambda t: ["prune.method=probmak"], "(did you mean 'probmask'?)"),
     "unknown fix": (lambda t: ["prune.fix=best"], "prune.fix must be 'topk' or 'sample', got 'best'"),
     "zero epochs": (lambda t: ["train.epochs=0"], "train.epochs must be at least 1"),
     "bad device": (lambda t: ["device=tpu"], "device must be auto, cpu, cuda or cuda:N"),

@@ -30,6 +30,7 @@ full-size temporary.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ class _Plan:
         self.direct = fused and host and scores.device.type == "cpu"  # the C implementation, no dispatcher
         self.nlayers = len(sizes)
         self.sizes = sizes
-        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.starts = [0, *itertools.accumulate(sizes[:-1])]
         self.layers = list(scores.split(sizes)) if self.direct else []
         chunk = _CPU_CHUNK if host and not fused else max(sizes)  # fused evaluations need no chunks
         need = 0 if fused else min(chunk, scores.numel()) if host else scores.numel()

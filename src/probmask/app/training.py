@@ -181,7 +181,7 @@ class Loop:
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             passes = self.method.passes(samples)
-            loss_sum = torch.zeros((), device=self.device)
+            loss_sum: Tensor | None = None
             for i in range(passes):
                 # DDP reduces the gradients in the backward of the last pass; earlier ones accumulate
                 last = i == passes - 1
@@ -189,7 +189,7 @@ class Loop:
                     out = self._net(x)
                     loss = F.cross_entropy(out.float(), y) / passes
                 loss.backward()
-                loss_sum += loss.detach()
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
                 if i == 0:
                     correct += (out.detach().argmax(1) == y).sum()
             if self.dist.enabled:  # identical gradients on every rank, so identical steps
@@ -201,6 +201,7 @@ class Loop:
             self.method.step()
             for sched in schedulers.values():
                 sched.step()
+            assert loss_sum is not None
             total_loss += loss_sum.float() * y.numel()
             seen += y.numel()
         loss_total, correct_sum, seen_sum = self.sum(total_loss, correct, seen)
