@@ -163,16 +163,43 @@ def test_subcommands_come_from_registrars(monkeypatch, capsys):
     assert run(capsys, "hello", "--fail") == (2, "", "probmask: error: hello failed: try without --fail\n")
 
 
-def test_interrupt_says_how_to_resume(monkeypatch, tmp_path, capsys):
+def test_interrupt_says_how_to_resume_once_the_run_has_started(monkeypatch, tmp_path, capsys):
     import probmask.app.experiment
 
-    def interrupted(*args, **kwargs):
+    def interrupted(cfg, run_dir, **kwargs):
+        (run_dir / "config.yaml").write_text("seed: 0\n")  # what a started run writes first
         raise KeyboardInterrupt
 
     monkeypatch.setattr(probmask.app.experiment, "run_experiment", interrupted)
     code, _, err = run(capsys, "run", "--out", tmp_path / "r")
     assert code == 130
     assert err == f"probmask: interrupted; continue with: probmask run --resume {tmp_path / 'r'}\n"
+
+
+def test_interrupt_before_the_run_started_leaves_no_directory_and_no_hint(monkeypatch, tmp_path, capsys):
+    import probmask.app.experiment
+
+    def interrupted(*args, **kwargs):  # e.g. while the data set loads
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probmask.app.experiment, "run_experiment", interrupted)
+    code, _, err = run(capsys, "run", "--out", tmp_path / "a" / "r")
+    assert (code, err) == (130, "probmask: interrupted\n")
+    assert list(tmp_path.iterdir()) == []  # the folders it had created are gone again
+
+
+def test_interrupt_during_start_up_imports_prints_no_traceback(monkeypatch, capsys):
+    def interrupted(subparsers):  # stands for Ctrl-C while deploy_cli imports torch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "REGISTRARS", [interrupted])
+    assert run(capsys, "run") == (130, "", "probmask: interrupted\n")
+
+
+def test_the_entry_point_imports_nothing_heavy_before_main_runs():
+    code = "import sys, probmask.app.cli; print(sorted(m for m in ('torch', 'numpy', 'omegaconf') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------------- user errors

@@ -2,9 +2,14 @@
 
 Subcommands are added by registrars, functions ``register(subparsers)`` that add one or more
 parsers and set ``func`` (called with the parsed arguments, returning the exit status): ``run``
-here, ``export`` and ``eval`` in :mod:`probmask.app.deploy_cli`. A
-:class:`probmask.app.errors.UserError` raised by any subcommand is printed as one line on stderr and
-the exit status is 2; anything else is a bug and keeps its traceback.
+here, ``export`` and ``eval`` in :mod:`probmask.app.deploy_cli`. Options and ``KEY=VALUE``
+arguments may come in any order.
+
+A :class:`probmask.app.errors.UserError` raised by any subcommand, and an ``OSError`` about the
+user's files and disks (a full disk, a read-only folder, a path under a file), is printed as one
+line on stderr and the exit status is 2; anything else is a bug and keeps its traceback. Ctrl-C
+exits with status 130 and, once a run has written its directory, says how to resume it. Nothing
+heavy (torch) is imported before :func:`main` is running, so an early Ctrl-C prints no traceback.
 """
 
 from __future__ import annotations
@@ -12,18 +17,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probmask.app import deploy_cli
-from probmask.app.errors import UserError
+from probmask.app.errors import ENVIRONMENT_ERRNOS, UserError, describe_os_error
 
 if TYPE_CHECKING:  # the runner (torch, data, models) is imported only when a run starts
     from probmask.app.experiment import RunResult
 
-__all__ = ["REGISTRARS", "build_parser", "main"]
+__all__ = ["REGISTRARS", "build_parser", "main", "parse_args"]
 
 Registrar = Callable[[Any], None]  # register(subparsers) with argparse's subparsers action
 RUN_EPILOG = """\
@@ -89,33 +92,26 @@ def register_run(subparsers: Any) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def default_run_dir(cfg: Any) -> Path:
-    name = cfg.model.name.replace("torchvision:", "")
-    base = Path("runs") / f"{name}-{cfg.data.name}-{cfg.prune.sparsity:g}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
-def _resolve_run(args: argparse.Namespace) -> tuple[Any, Path, bool]:
-    """(config, run directory, resume?) from the arguments; refuses mismatched combinations."""
+def _resolve_run(args: argparse.Namespace) -> tuple[Any, Path, bool, list[Path]]:
+    """(config, run directory, resume?, folders created) from the arguments; refuses mismatched
+    combinations and a directory a new run would overwrite, then creates the run directory."""
+    from probmask.app import rundir
     from probmask.app.artifacts import CONFIG
     from probmask.app.config import config_diff, load_config
 
     if args.resume is None:
         cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-        if (run_dir / CONFIG).exists():
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                            "or choose another --out")
-        return cfg, run_dir, False
+        run_dir = Path(args.out) if args.out else rundir.default(cfg)
+        rundir.check_new(run_dir)
+        return cfg, run_dir, False, [] if args.print_config else rundir.create(run_dir)
     run_dir = Path(args.resume)
     if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
         raise UserError("--out and --resume name different directories; --resume DIR continues DIR in place")
     saved_path = run_dir / CONFIG
-    if not saved_path.is_file():
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run directory (it {'is a file' if run_dir.exists() else 'does not exist'})"
+                        ": nothing to resume")
+    if not saved_path.exists():
         raise UserError(f"{run_dir} is not a run directory (no {CONFIG}): nothing to resume")
     saved = load_config(saved_path)
     if args.config is not None or args.overrides:
@@ -126,7 +122,7 @@ def _resolve_run(args: argparse.Namespace) -> tuple[Any, Path, bool]:
             more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
             raise UserError(f"{run_dir} was run with another config ({shown}{more}): resume it without "
                             "--config or overrides, or start a new run with --out")
-    return saved, run_dir, True
+    return saved, run_dir, True, []
 
 
 def format_summary(result: RunResult) -> str:
@@ -158,11 +154,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from probmask.app.distributed import DistContext
     from probmask.app.experiment import run_experiment
 
+    from probmask.app import rundir
+
     dist = DistContext.from_env()
+    run_dir, created = None, []
     try:
         if not dist.is_main:  # warnings and errors only
             logging.getLogger("probmask").setLevel(logging.WARNING)
-        cfg, run_dir, resume = dist.on_main(lambda: _resolve_run(args))
+        cfg, run_dir, resume, created = dist.on_main(lambda: _resolve_run(args))
         if args.print_config:
             if dist.is_main:
                 print(config_to_yaml(cfg), end="")
@@ -172,12 +171,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         if dist.is_main:
             print(format_summary(result))
         return 0
+    except BaseException as err:
+        if dist.is_main:
+            rundir.remove_if_empty(created)  # a run that failed before writing anything leaves no trace
+        if not isinstance(err, KeyboardInterrupt):
+            raise
+        if dist.is_main:  # a hint only where a run has started writing its directory
+            hint = f"; continue with: probmask run --resume {run_dir}" if rundir.resumable(run_dir) else ""
+            print(f"probmask: interrupted{hint}", file=sys.stderr)
+        return 130
     finally:
         dist.close()
 
 
 # ---------------------------------------------------------------------------------- parser
-REGISTRARS: list[Registrar] = [register_run, deploy_cli.register]
+def _register_deploy(subparsers: Any) -> None:
+    from probmask.app import deploy_cli  # imports torch: only once the command line is parsed
+
+    deploy_cli.register(subparsers)
+
+
+REGISTRARS: list[Registrar] = [register_run, _register_deploy]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,19 +205,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return the exit status."""
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Options and positional arguments in any order: argparse takes a ``nargs="*"`` positional
+    (``run``'s ``KEY=VALUE`` overrides) only as one block, so later blocks come back as extras and
+    are appended here, in order. Anything else left over is an error, as argparse would say."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if hasattr(args, "overrides") and not any(e.startswith("-") for e in extras):
+            args.overrides = [*args.overrides, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _error(text: str) -> int:
+    print(f"probmask: error: {' '.join(text.split())}", file=sys.stderr)  # one line, whatever the text
+    return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        if not getattr(err, "quiet", False):  # quiet: another process (rank 0) reports it
-            print(f"probmask: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        where = getattr(args, "resume", None) or getattr(args, "out", None)
-        hint = f"; continue with: probmask run --resume {where}" if where else ""
-        print(f"probmask: interrupted{hint}", file=sys.stderr)
+        if getattr(err, "quiet", False):  # quiet: another process (rank 0) reports it
+            return 2
+        return _error(str(err))
+    except OSError as err:  # a full disk, a read-only folder, a path under a file, ...
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        return _error(describe_os_error(err))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return the exit status:
+    0, 2 for a user error (one line on stderr), 130 when interrupted."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a run started (``run`` says how to resume one)
+        print("probmask: interrupted", file=sys.stderr)
         return 130

@@ -133,10 +133,19 @@ def _merge(base: Any, *others: Any, where: str) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory: pass a YAML file")
+    if not path.exists():
         raise UserError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                        f"{err.start}): save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

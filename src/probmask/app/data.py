@@ -113,22 +113,29 @@ def _mnist5k(cfg: DataConfig) -> DataSplits:
 
 
 # ---------------------------------------------------------------------------------- torchvision sets
-def _torchvision_set(cls: type, cfg: DataConfig, *, what: str, size: str, **kwargs) -> Dataset:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(":") if text else type(err).__name__
+
+
+def _torchvision_set(cls: type, cfg: DataConfig, *, what: str, size: str, folder: str, files: str,
+                     **kwargs) -> Dataset:
+    """``cls(root=data.root, download=data.download, **kwargs)``; any failure to find, read or
+    download the files is a :class:`UserError` saying what belongs under ``data.root``."""
     root = Path(cfg.root).expanduser()
+    where = root / folder
     try:
         return cls(root=str(root), download=cfg.download, **kwargs)
-    except RuntimeError as err:
-        if "not found" not in str(err).lower():
-            raise
-        raise UserError(
-            f"{what} not found under data.root={root}: add data.download=true to let torchvision "
-            f"download it ({size}), or set data.root to the folder that already holds it"
-        ) from None
-    except OSError as err:
-        if not cfg.download:
-            raise
-        raise UserError(f"downloading {what} into {root} failed ({err}); download it by hand into "
-                        "data.root or check the network") from None
+    except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, EOFError, ... here
+        reason = _first_line(err)
+        if cfg.download:
+            raise UserError(f"downloading {what} into data.root={root} failed ({reason}): check the network, "
+                            f"or put {files} in {where} by hand and set data.download=false") from None
+        if "not found" in reason.lower():
+            raise UserError(f"{what} not found under data.root={root}: put {files} in {where}, or add "
+                            f"data.download=true to let torchvision download it ({size})") from None
+        raise UserError(f"{what} under data.root={root} cannot be read ({reason}): put intact {files} in "
+                        f"{where}, or delete them and add data.download=true ({size})") from None
 
 
 def _normalize(mean: tuple[float, ...], std: tuple[float, ...]):
@@ -144,8 +151,10 @@ def _mnist_like(cls_name: str, what: str, mean: float, std: float) -> DataLoader
 
         cls = getattr(torchvision.datasets, cls_name)
         tf = T.Compose(_normalize((mean,), (std,)))
-        train = _torchvision_set(cls, cfg, what=what, size="about 30 MB", train=True, transform=tf)
-        test = _torchvision_set(cls, cfg, what=what, size="about 30 MB", train=False, transform=tf)
+        kw = {"what": what, "size": "about 30 MB", "folder": f"{cls_name}/raw",
+              "files": "the four idx files (train-images-idx3-ubyte, ...)"}
+        train = _torchvision_set(cls, cfg, train=True, transform=tf, **kw)
+        test = _torchvision_set(cls, cfg, train=False, transform=tf, **kw)
         return DataSplits(train, test, train, 10, (1, 28, 28))
 
     return load
@@ -166,7 +175,8 @@ def _cifar(cls_name: str, what: str, stats: tuple[tuple[float, ...], tuple[float
         cls = getattr(torchvision.datasets, cls_name)
         augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *_normalize(*stats)])
         plain = T.Compose(_normalize(*stats))
-        kw = {"what": what, "size": "about 170 MB"}
+        kw = {"what": what, "size": "about 170 MB", "folder": cls.base_folder,
+              "files": "the extracted files of the python version"}
         train = _torchvision_set(cls, cfg, train=True, transform=augment, **kw)
         train_eval = _torchvision_set(cls, cfg, train=True, transform=plain, **kw)
         test = _torchvision_set(cls, cfg, train=False, transform=plain, **kw)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from probmask.app import artifacts, checkpoint
+from probmask.app import artifacts, checkpoint, rundir
 from probmask.app.config import ExperimentConfig, config_to_dict, config_to_yaml, validate
 from probmask.app.data import DataSplits, load_data
 from probmask.app.distributed import DistContext
@@ -120,8 +120,12 @@ class Experiment:
         self.history.append(record)
         if not self.dist.is_main:
             return
-        with open(self.run_dir / artifacts.METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / artifacts.METRICS
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # name the file; a resume rewrites it from the checkpoint
+            raise OSError(err.errno, err.strerror, str(path)) from err
         if self._writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -244,9 +248,10 @@ class Experiment:
         """Run (or with ``resume``, continue from ``checkpoint.pt``) to the end; returns the results."""
         main = self.dist.is_main
         if main:
+            if not resume:
+                rundir.check_new(self.run_dir)  # never overwrite an earlier run's files
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.run_dir.glob(".*.tmp"):  # half-written files of a killed run
-                stale.unlink()
+            rundir.remove_stale_temporaries(self.run_dir)
         state = self.dist.on_main(lambda: checkpoint.read(self.run_dir / artifacts.CHECKPOINT, self.cfg)) \
             if resume else None
         if state is not None:

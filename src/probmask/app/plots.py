@@ -14,13 +14,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from probmask.atomic_io import atomic_write_file
+
 __all__ = ["plot_layer_density", "plot_training"]
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_write_file(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def plot_layer_density(layers: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
