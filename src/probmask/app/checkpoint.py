@@ -11,7 +11,9 @@ that phase completed and the metrics so far, all loadable with ``torch.load(weig
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import pickle
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,13 @@ from probmask.app.distributed import DistContext
 from probmask.app.errors import UserError
 from probmask.atomic_io import atomic_write_file
 
-__all__ = ["VERSION", "read", "restore_rng", "rng_state", "to_cpu", "write"]
+__all__ = ["VERSION", "fitting", "read", "restore_rng", "rng_state", "to_cpu", "write"]
 
 log = logging.getLogger(__name__)
 
 VERSION = 2
+_LAYOUT = {"config": dict, "phase": str, "epoch": int, "model": dict, "method": dict, "optimizers": dict,
+           "schedulers": dict, "history": list, "rng": dict}  # what a checkpoint holds, checked on reading
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -77,12 +81,27 @@ def read(path: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     try:
         # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: say which and what to do
+    except pickle.UnpicklingError:  # PyTorch's advice here (load it unsafely) is not ours to pass on
+        raise UserError(f"cannot read {path}: it holds objects other than tensors and plain values, which "
+                        "probmask does not load; delete it to restart the run from the beginning") from None
+    except Exception as err:  # any other unreadable file: say which and what to do
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "weights_only" in first:
+            first = "not a checkpoint probmask can load safely"
         raise UserError(f"cannot read {path} ({type(err).__name__}: {first}); "
                         "delete it to restart the run from the beginning") from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise UserError(f"{path} is not a probmask run checkpoint of this version; "
+                        "delete it to restart the run from the beginning")
+    bad = [key for key, kind in _LAYOUT.items() if not isinstance(state.get(key), kind)]
+    if not bad and (state["phase"] not in ("main", "finetune") or state["epoch"] < 0):
+        bad = ["phase", "epoch"]
+    plain = (str, int, float, bool, type(None))
+    if not bad and not all(isinstance(h, dict) and all(isinstance(v, plain) for v in h.values())
+                           for h in state["history"]):
+        bad = ["history"]
+    if bad:
+        raise UserError(f"{path} is damaged ({', '.join(bad)} missing or invalid); "
                         "delete it to restart the run from the beginning")
     saved = config_from_dict(state["config"], where=f"{path}")
     diff = config_diff(saved, cfg)
@@ -91,6 +110,18 @@ def read(path: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
         raise UserError(f"{path.parent} was run with a different config ({shown}); "
                         "resume it with its own config or start a new run with --out")
     return state
+
+
+@contextmanager
+def fitting(path: Path) -> Iterator[None]:
+    """Around loading a checkpoint's states into the run: a state that does not fit (other shapes,
+    keys or sizes) is a :class:`UserError` naming the file."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"{path} does not fit this run ({type(err).__name__}: {first}); "
+                        "delete it to restart the run from the beginning") from None
 
 
 def restore_rng(state: Mapping[str, Any], dist: DistContext, device: torch.device) -> None:

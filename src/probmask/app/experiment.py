@@ -115,6 +115,10 @@ class Experiment:
         self.history: list[dict[str, Any]] = []
         self._writer: Any = None
 
+    @property
+    def _checkpoint_path(self) -> Path:
+        return self.run_dir / artifacts.CHECKPOINT
+
     # ------------------------------------------------------------------ records
     def _record(self, record: dict[str, Any], num_epochs: int) -> None:
         self.history.append(record)
@@ -158,7 +162,7 @@ class Experiment:
         state = {"model": self.model.state_dict(), "method": self.method.state_dict(),
                  "optimizers": {k: o.state_dict() for k, o in opts.items()},
                  "schedulers": {k: s.state_dict() for k, s in scheds.items()}, "history": self.history}
-        checkpoint.write(self.run_dir / artifacts.CHECKPOINT, self.cfg, phase, epoch, state, self.dist, self.device)
+        checkpoint.write(self._checkpoint_path, self.cfg, phase, epoch, state, self.dist, self.device)
 
     # ------------------------------------------------------------------ phases
     def _epochs(self, phase: str, start: int, num_epochs: int, optimizers: Optimizers, samples: int) -> None:
@@ -190,10 +194,11 @@ class Experiment:
 
     def _restore(self, optimizers: Optimizers, state: Mapping[str, Any] | None) -> Optimizers:
         if state is not None and state["optimizers"]:
-            for k, o in optimizers[0].items():
-                o.load_state_dict(state["optimizers"][k])
-            for k, s in optimizers[1].items():
-                s.load_state_dict(state["schedulers"][k])
+            with checkpoint.fitting(self._checkpoint_path):
+                for k, o in optimizers[0].items():
+                    o.load_state_dict(state["optimizers"][k])
+                for k, s in optimizers[1].items():
+                    s.load_state_dict(state["schedulers"][k])
         return optimizers
 
     def _fix_mask(self) -> None:
@@ -252,11 +257,11 @@ class Experiment:
                 rundir.check_new(self.run_dir)  # never overwrite an earlier run's files
             self.run_dir.mkdir(parents=True, exist_ok=True)
             rundir.remove_stale_temporaries(self.run_dir)
-        state = self.dist.on_main(lambda: checkpoint.read(self.run_dir / artifacts.CHECKPOINT, self.cfg)) \
-            if resume else None
+        state = self.dist.on_main(lambda: checkpoint.read(self._checkpoint_path, self.cfg)) if resume else None
         if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.method.load_state_dict(state["method"])
+            with checkpoint.fitting(self._checkpoint_path):
+                self.model.load_state_dict(state["model"])
+                self.method.load_state_dict(state["method"])
             self.history = list(state["history"])
             if main:
                 log.info("resuming %s: %s phase after %d epoch(s)", self.run_dir, state["phase"], state["epoch"])
@@ -265,7 +270,8 @@ class Experiment:
         self._rewrite_metrics()
         phase, start = ("main", 0) if state is None else (state["phase"], int(state["epoch"]))
         if state is not None:
-            checkpoint.restore_rng(state, self.dist, self.device)  # last: building everything drew random numbers
+            with checkpoint.fitting(self._checkpoint_path):  # last: building everything drew random numbers
+                checkpoint.restore_rng(state, self.dist, self.device)
         threads = torch.get_num_threads()
         if self.cfg.threads is not None:
             torch.set_num_threads(self.cfg.threads)
