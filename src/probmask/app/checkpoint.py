@@ -81,11 +81,12 @@ def read(path: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     try:
         # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # PyTorch's advice here (load it unsafely) is not ours to pass on
-        raise UserError(f"cannot read {path}: it holds objects other than tensors and plain values, which "
-                        "probmask does not load; delete it to restart the run from the beginning") from None
-    except Exception as err:  # any other unreadable file: say which and what to do
+    except Exception as err:  # any unreadable file: say which and what to do
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in first.lower():
+            # PyTorch's advice here (load it unsafely) is not ours to pass on
+            raise UserError(f"cannot read {path}: it holds objects other than tensors and plain values, "
+                            "which probmask does not load; delete it to restart the run from the beginning") from None
         if "weights_only" in first:
             first = "not a checkpoint probmask can load safely"
         raise UserError(f"cannot read {path} ({type(err).__name__}: {first}); "

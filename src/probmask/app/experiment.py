@@ -82,6 +82,16 @@ def model_options(cfg: ExperimentConfig) -> dict[str, Any]:
     return options
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically unless the file holds it already (a resume leaves it untouched)."""
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_file(path, lambda f: f.write(text), mode="w")
+
+
 class Experiment:
     """One run: builds data, model and method from the config and drives the phases.
 
@@ -144,8 +154,7 @@ class Experiment:
 
     def _rewrite_metrics(self) -> None:
         if self.dist.is_main:
-            lines = "".join(json.dumps(h) + "\n" for h in self.history)
-            atomic_write_file(self.run_dir / artifacts.METRICS, lambda f: f.write(lines), mode="w")
+            _write_text(self.run_dir / artifacts.METRICS, "".join(json.dumps(h) + "\n" for h in self.history))
 
     def _open_tensorboard(self) -> None:
         if not self.cfg.tensorboard or not self.dist.is_main:
@@ -266,7 +275,7 @@ class Experiment:
             if main:
                 log.info("resuming %s: %s phase after %d epoch(s)", self.run_dir, state["phase"], state["epoch"])
         if main:
-            atomic_write_file(self.run_dir / artifacts.CONFIG, lambda f: f.write(config_to_yaml(self.cfg)), mode="w")
+            _write_text(self.run_dir / artifacts.CONFIG, config_to_yaml(self.cfg))
         self._rewrite_metrics()
         phase, start = ("main", 0) if state is None else (state["phase"], int(state["epoch"]))
         if state is not None:
