@@ -105,6 +105,44 @@ def test_missing_torchvision_data_says_how_to_get_it(tmp_path, name, expected):
     assert not (tmp_path / "nothing").exists() or not any((tmp_path / "nothing").rglob("*.gz"))
 
 
+TORCHVISION_FOLDERS = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py",
+                       "cifar100": "cifar-100-python"}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_FOLDERS))
+def test_a_failed_download_of_any_torchvision_set_says_what_to_put_under_the_root(tmp_path, monkeypatch, name):
+    """Offline: torchvision's download raises (MNIST wraps it in a RuntimeError after trying its
+    mirrors, CIFAR lets the URLError through); either way one UserError naming the folder."""
+    import urllib.error
+
+    import torchvision.datasets.cifar
+    import torchvision.datasets.mnist
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    for module in (torchvision.datasets.mnist, torchvision.datasets.cifar):
+        monkeypatch.setattr(module, "download_and_extract_archive", offline)
+    with pytest.raises(UserError) as info:
+        load_data(DataConfig(name=name, root=str(tmp_path), download=True))
+    message = str(info.value)
+    assert message.startswith("downloading ") and "failed" in message
+    assert str(tmp_path / TORCHVISION_FOLDERS[name]) in message and "data.download=false" in message
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_FOLDERS))
+def test_damaged_torchvision_files_are_a_user_error(tmp_path, name):
+    folder = tmp_path / TORCHVISION_FOLDERS[name]
+    folder.mkdir(parents=True)
+    for file in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                 "data_batch_5", "test_batch", "batches.meta", "train", "test", "meta"):
+        (folder / file).write_bytes(b"\x00garbage")
+    with pytest.raises(UserError) as info:
+        load_data(DataConfig(name=name, root=str(tmp_path)))
+    assert str(folder) in str(info.value)
+
+
 def test_missing_imagenet_says_what_layout_is_needed(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UserError) as info:
