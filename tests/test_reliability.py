@@ -319,7 +319,7 @@ def small_disk(tmp_path):
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)  # a failed writer may still hold a file
 
 
 def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(small_disk, tmp_path, capsys):
@@ -334,3 +334,23 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(small_disk, tmp_p
     shutil.copytree(run_dir, moved)
     assert run(capsys, "run", "-q", "--resume", moved)[0] == 0
     assert (moved / "results.json").is_file()
+
+
+@pytest.mark.parametrize("how", ["file name", "open file"])
+def test_a_full_disk_under_torch_save_is_enospc_naming_the_target(small_disk, how):
+    """torch.save reports a full disk as "unexpected pos"; the atomic writer turns it into ENOSPC."""
+    import errno
+
+    from probmask.atomic_io import atomic_write, atomic_write_file
+
+    target = small_disk / "model.pt"
+    target.write_bytes(b"the previous version")
+    big = {"w": torch.zeros(300_000)}  # 1.2 MB
+    with pytest.raises(OSError) as info:
+        if how == "file name":
+            atomic_write(target, lambda tmp: torch.save(big, tmp))
+        else:
+            atomic_write_file(target, lambda f: torch.save(big, f))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_bytes() == b"the previous version"
+    assert [p.name for p in small_disk.iterdir()] == ["model.pt"]
