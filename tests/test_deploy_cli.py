@@ -98,14 +98,31 @@ def test_eval_prints_a_table(capsys, run_dir):
 
 
 def test_eval_without_data_still_reports_the_rest(capsys, run_dir, tmp_path):
+    """The data set is the file's (a name only); where it lives is the command line's --data-root."""
     ckpt = export.load(run_dir / "model.pt")
-    ckpt.meta["config"]["data"]["name"] = "cifar10"
-    ckpt.meta["config"]["data"]["root"] = str(tmp_path / "nowhere")
+    ckpt.meta["data"] = "cifar10"
+    export.save_pt(ckpt, tmp_path / "m.pt")
+    code, out, err = run(capsys, "eval", tmp_path / "m.pt", "--data-root", tmp_path / "nowhere")
+    assert code == 0
+    assert "test accuracy not measured" in err and "--data-root" in err and "--download" in err
+    assert "sparsity" in out
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_eval_data_set_from_the_command_line(capsys, run_dir, tmp_path):
+    ckpt = export.load(run_dir / "model.pt")
+    ckpt.meta["data"] = "not a data set"
     export.save_pt(ckpt, tmp_path / "m.pt")
     code, out, err = run(capsys, "eval", tmp_path / "m.pt")
-    assert code == 0
-    assert "test accuracy not measured" in err
-    assert "sparsity" in out
+    assert code == 0 and "pass --data NAME" in err and "no registered data set" in out
+    code, out, err = run(capsys, "eval", tmp_path / "m.pt", "--data", "mnist5k", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["data"] == "mnist5k" and 0.0 <= report["test_accuracy"] <= 100.0
+    code, out, err = run(capsys, "eval", tmp_path / "m.pt", "--data", "cifar10", "--data-root", tmp_path / "none")
+    assert code == 0 and "the cifar10 examples are [3, 32, 32]" not in err and "not found" in err
+    code, _, err = run(capsys, "eval", tmp_path / "m.pt", "--data", "mnist55k")
+    assert_user_error(code, err, "unknown data set", "mnist5k")
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -180,8 +197,9 @@ def test_end_to_end_through_probmask_run(tmp_path, capsys):
     from probmask.app.cli import main as probmask_main
 
     out = tmp_path / "run"
+    # the whole test split: eval measures on it, whatever subset the run's config names
     code = probmask_main(["run", "--out", str(out), "--quiet", "train.epochs=1", "finetune.epochs=1",
-                          "data.train_size=256", "data.test_size=128"])
+                          "data.train_size=256"])
     assert code == 0
     capsys.readouterr()
     results = json.loads((out / "results.json").read_text())

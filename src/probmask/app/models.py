@@ -6,6 +6,12 @@ inputs, and ``torchvision:NAME`` for any torchvision classification model (built
 ``weights=None``: nothing is ever downloaded). Every builder takes ``num_classes`` and
 ``input_shape`` (one example, ``[C, H, W]``) plus its own keyword options; the same call rebuilds
 a saved model from the ``meta`` block of ``model.pt`` (see :mod:`probmask.app.artifacts`).
+
+A model file's metadata is data, not instructions: before building anything for real,
+:mod:`probmask.app.artifacts` checks ``input_shape`` with :func:`check_input_shape` and builds a
+*skeleton* with :func:`build_skeleton` (tensors of more than :data:`SKELETON_REAL_ELEMENTS` elements
+on PyTorch's ``meta`` device, which allocates nothing) to compare every parameter and buffer
+shape with the file's weights.
 """
 
 from __future__ import annotations
@@ -13,26 +19,34 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from probmask.app.errors import UserError
 from probmask.app.registry import Registry
 
 __all__ = [
     "MODELS",
+    "MAX_INPUT_ELEMENTS",
     "TORCHVISION_PREFIX",
     "build_model",
+    "build_skeleton",
     "check_input",
+    "check_input_shape",
     "check_model_name",
     "model_names",
     "register_model",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
+MAX_INPUT_ELEMENTS = 2**24  # elements of one example (e.g. [3, 2364, 2364]); larger shapes are refused
+SKELETON_REAL_ELEMENTS = 2**16  # build_skeleton makes tensors up to this size for real, larger ones on meta
 ModelBuilder = Callable[..., nn.Module]
 MODELS: Registry[ModelBuilder] = Registry(
     "model", hint=", or torchvision:NAME for a torchvision classification model (e.g. torchvision:resnet50)"
@@ -123,6 +137,120 @@ def check_input(model: nn.Module, input_shape: Sequence[int], name: str) -> None
         ) from None
     finally:
         model.train(was_training)
+
+
+def check_input_shape(input_shape: object) -> tuple[int, ...]:
+    """``input_shape`` as a tuple if it is a plausible example shape: a list of 1 to 3 positive
+    integers (``[C, H, W]``, or ``[features]``) with at most :data:`MAX_INPUT_ELEMENTS` elements;
+    a :class:`UserError` saying what is wrong otherwise."""
+    shown = repr(input_shape) if len(repr(input_shape)) <= 60 else repr(input_shape)[:57] + "..."
+    if (not isinstance(input_shape, (list, tuple)) or not 1 <= len(input_shape) <= 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in input_shape)):
+        raise UserError(f"input_shape must be a list of 1 to 3 integers ([C, H, W]), got {shown}")
+    if min(input_shape) < 1:
+        raise UserError(f"input_shape must be positive, got {shown}")
+    if math.prod(input_shape) > MAX_INPUT_ELEMENTS:
+        raise UserError(f"input_shape {shown} has {math.prod(input_shape):,} elements per example; "
+                        f"probmask takes at most {MAX_INPUT_ELEMENTS:,} (2**24)")
+    return tuple(input_shape)
+
+
+def _numel(value: Any) -> int:
+    from torch.utils._pytree import tree_flatten
+
+    return sum(t.numel() for t in tree_flatten(value)[0] if isinstance(t, Tensor))
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, Tensor) and value.device.type != "meta" else value
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """Every tensor of more than ``limit`` elements is made on the meta device (no memory, no data).
+
+    Factory functions (``torch.empty``, ``zeros``, ...) and operations on real tensors first run on
+    meta copies to learn the result's size; small results are then computed for real, so that a
+    builder can still read small tensors (``torchvision``'s RegNets call ``.tolist()`` on one).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        from torch.utils._device import _device_constructors
+
+        self.limit = limit
+        self.constructors = _device_constructors()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        from torch.utils._pytree import tree_flatten, tree_map
+
+        kwargs = kwargs or {}
+        if func in self.constructors:
+            if kwargs.get("device") is None:
+                probe = func(*args, **{**kwargs, "device": "meta"})
+                if _numel(probe) > self.limit:
+                    return probe
+            return func(*args, **kwargs)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        if all(t.device.type == "meta" for t in tensors):  # also: no tensors at all
+            return func(*args, **kwargs)
+        try:
+            probe = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+        except Exception:  # reads data (.tolist(), .item()): only small tensors are real
+            return func(*args, **kwargs)
+        if any(t.device.type == "meta" for t in tensors) or _numel(probe) > self.limit:
+            return probe
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _registration_budget(max_tensors: int, max_modules: int, what: str) -> Iterator[None]:
+    """Abort (:class:`UserError`) a builder on this thread once it registers more than
+    ``max_tensors`` parameters and buffers or more than ``max_modules`` submodules."""
+    from torch.nn.modules import module as module_mod
+
+    owner = threading.get_ident()
+    counts = {"tensors": 0, "modules": 0}
+
+    def count(kind: str, limit: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if threading.get_ident() != owner:
+                return
+            counts[kind] += 1
+            if counts[kind] > limit:
+                noun = "parameters and buffers" if kind == "tensors" else "submodules"
+                raise UserError(f"{what} makes more than {limit:,} {noun}, more than the file's weights can fill")
+
+        return hook
+
+    handles = [
+        module_mod.register_module_parameter_registration_hook(count("tensors", max_tensors)),
+        module_mod.register_module_buffer_registration_hook(count("tensors", max_tensors)),
+        module_mod.register_module_module_registration_hook(count("modules", max_modules)),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def build_skeleton(name: str, num_classes: int, input_shape: Sequence[int], *, max_tensors: int | None = None,
+                   **options: Any) -> nn.Module:
+    """:func:`build_model` without allocating memory: every tensor of more than
+    :data:`SKELETON_REAL_ELEMENTS` elements is a meta tensor (shape and dtype, no data).
+
+    For checking what a build would make before making it: its ``state_dict()`` has the real
+    build's keys and shapes. With ``max_tensors``, a builder that registers more than that many
+    parameters and buffers (or more than ``8 * max_tensors + 256`` submodules) is stopped with a
+    :class:`UserError`. Builder errors propagate as they are.
+    """
+    what = f"model {name} with these options"
+    budget = _registration_budget(max_tensors, 8 * max_tensors + 256, what) if max_tensors is not None else None
+    with _LargeOnMeta(SKELETON_REAL_ELEMENTS):
+        if budget is None:
+            return build_model(name, num_classes, input_shape, **options)
+        with budget:
+            return build_model(name, num_classes, input_shape, **options)
 
 
 # ---------------------------------------------------------------------------------- LeNets

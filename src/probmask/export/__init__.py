@@ -3,7 +3,10 @@
 Every file holds the plain model's ``state_dict`` (pruned weights are zeros in place), the bool
 masks of the pruned parameters and a JSON-ready metadata block (model name and options, config,
 per-layer density, total sparsity). Loading never unpickles arbitrary objects: ``.pt`` files are
-read with ``torch.load(weights_only=True)``, the other formats are safetensors.
+read with ``torch.load(weights_only=True)`` (PyTorch's zip format only: the legacy format
+allocates declared sizes before reading them), the other formats are safetensors. Every tensor
+is checked against the bytes stored for it before anything of its declared size is allocated;
+a file that does not fit raises :class:`CheckpointError` naming the tensor.
 
 Reading the files without probmask
 ----------------------------------
@@ -53,6 +56,7 @@ from probmask.export.common import (
     CheckpointError,
     _check_masks,
     _safetensors_header,
+    describe_mismatch,
     layer_stats,
     load_into,
     make_meta,
@@ -69,6 +73,7 @@ __all__ = [
     "OnnxCheck",
     "OnnxMismatch",
     "check_onnx",
+    "describe_mismatch",
     "detect_format",
     "export_onnx",
     "layer_stats",
@@ -102,13 +107,16 @@ def detect_format(path: str | os.PathLike) -> str:
         head = f.read(16)
     if len(head) < 8:
         raise CheckpointError(f"{path} is empty or truncated ({len(head)} bytes)")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    if head[:4] == b"PK\x03\x04":
         return "pt"
+    # safetensors before the legacy pickle test: the header length's first byte may be 0x80
     (header_len,) = struct.unpack("<Q", head[:8])
     if head[8:9] == b"{":
         if header_len + 8 > path.stat().st_size:
             raise CheckpointError(f"{path} is a truncated safetensors file")
         return _safetensors_kind(path)
+    if head[:1] == b"\x80":
+        return "pt"  # a pickle: PyTorch's legacy format, which load() refuses
     if path.suffix == ".onnx":
         return "onnx"
     raise CheckpointError(

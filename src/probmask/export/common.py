@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 from probmask.report import Report
 
-__all__ = ["FORMATS", "SUFFIXES", "Checkpoint", "CheckpointError", "layer_stats", "load_into", "make_meta"]
+__all__ = [
+    "FORMATS", "SUFFIXES", "Checkpoint", "CheckpointError", "describe_mismatch", "layer_stats", "load_into", "make_meta",
+]
 
 FORMAT_VERSION = 1
 FORMATS = ("pt", "safetensors", "sparse", "onnx")
@@ -146,31 +148,39 @@ def _load_safetensors_tensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is corrupted or truncated: {err}") from None
 
 
+def describe_mismatch(own: Mapping[str, Any], theirs: Mapping[str, Any]) -> str | None:
+    """What keeps the tensors ``theirs`` (a file's state_dict) from fitting ``own`` (a model's):
+    missing / unexpected keys and differing shapes (both named), or None if they fit.
+
+    Only ``.shape`` is read from the values, so ``own`` may hold meta tensors.
+    """
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [
+        f"{k}: file {tuple(theirs[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+    if shapes:
+        parts.append(f"shape mismatch {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
+    return "; ".join(parts) or None
+
+
 def load_into(model: nn.Module, ckpt: Checkpoint) -> nn.Module:
     """Load the checkpoint's weights into ``model``; explain any architecture mismatch.
 
     Raises :class:`CheckpointError` naming missing / unexpected keys and shape mismatches, so
     that a file for a different architecture fails with a readable message.
     """
-    own = model.state_dict()
-    missing = [k for k in own if k not in ckpt.state_dict]
-    unexpected = [k for k in ckpt.state_dict if k not in own]
-    shapes = [
-        f"{k}: file {tuple(ckpt.state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in ckpt.state_dict and tuple(own[k].shape) != tuple(ckpt.state_dict[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        what = ckpt.meta.get("model", "an unknown model")
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
-        raise CheckpointError(
-            f"the file (saved from {what}) does not fit this {type(model).__name__}: " + "; ".join(parts)
-        )
+    mismatch = describe_mismatch(model.state_dict(), ckpt.state_dict)
+    if mismatch:
+        what = ckpt.meta.get("model")
+        what = what if isinstance(what, str) and len(what) <= 100 and what.isprintable() else "an unknown model"
+        raise CheckpointError(f"the file (saved from {what!s}) does not fit this {type(model).__name__}: {mismatch}")
     model.load_state_dict(ckpt.state_dict)
     return model

@@ -1,4 +1,12 @@
-"""The compact ``sparse`` format: each masked weight as CSR or values + bitmask, whichever is smaller."""
+"""The compact ``sparse`` format: each masked weight as CSR or values + bitmask, whichever is smaller.
+
+Loading checks the key table before decoding anything: every declared shape must fit the data
+stored for it (a dense tensor's own shape, ``rows + 1`` row pointers, ``ceil(numel / 8)``
+bitmask bytes, no more values than elements), the whole file may declare at most
+:data:`MAX_DENSE_ELEMENTS` elements, and decoding may not need more than :data:`MAX_EXPANSION`
+times the bytes the file stores (plus 16 MiB): beyond about 99.95% sparsity overall. A file that
+does not fit is a :class:`~probmask.export.common.CheckpointError` naming the tensor.
+"""
 
 from __future__ import annotations
 
@@ -119,6 +127,98 @@ def save_sparse(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: save_file(_plain(tensors), tmp, metadata=header))
 
 
+# A file's declared shapes are checked against what it stores before anything is decoded, so that a
+# damaged or crafted file cannot make the loader allocate more than it plausibly holds.
+MAX_DIMS = 8
+MAX_EXPANSION = 2**11  # declared dense bytes (weights + masks) per stored byte: ~99.95% sparsity overall
+EXPANSION_SLACK = 2**24  # bytes any file may declare beyond MAX_EXPANSION times its size
+MAX_DENSE_ELEMENTS = 2**32  # per file: more than any torchvision classification model holds
+
+
+def _entry_shape(entry: object, index: int, seen: set[str], path: Path) -> tuple[str, str, tuple[int, ...]]:
+    """``(name, encoding, shape)`` of one key-table entry, checked for type and range."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: entry {index} of the sparse file's key table is not an object")
+    name, encoding, shape = entry.get("name"), entry.get("encoding"), entry.get("shape")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{path}: entry {index} of the sparse file's key table has no tensor name")
+    if name in seen:
+        raise CheckpointError(f"{path}: tensor {name!r} appears twice in the sparse file's key table")
+    seen.add(name)
+    if encoding not in ("dense", "csr", "bitmask"):
+        raise CheckpointError(f"{path}: unknown encoding {encoding!r} for {name!r}")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        shown = repr(shape) if len(repr(shape)) <= 80 else repr(shape)[:77] + "..."
+        raise CheckpointError(f"{path}: tensor {name!r} declares shape {shown}: not a list of at most "
+                              f"{MAX_DIMS} non-negative integers")
+    return name, encoding, tuple(shape)
+
+
+def _stored_fits(name: str, encoding: str, shape: tuple[int, ...], tensors: Mapping[str, Tensor],
+                 path: Path) -> int:
+    """Check that the tensors stored for ``name`` can hold ``shape``; the bytes decoding it allocates."""
+    numel = math.prod(shape)
+
+    def get(key: str) -> Tensor:
+        if key not in tensors:
+            raise CheckpointError(f"{path}: tensor {key!r} is missing")
+        return tensors[key]
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: the {encoding} data of {name!r} does not fit its declared shape "
+                               f"{list(shape)} ({why})")
+
+    if encoding == "dense":
+        t = get(f"dense/{name}")
+        if tuple(t.shape) != shape:
+            raise bad(f"the stored tensor has shape {list(t.shape)}")
+        return 0  # already in memory: decoding allocates nothing
+    if encoding == "csr":
+        crow, col, values = get(f"csr/{name}/crow"), get(f"csr/{name}/col"), get(f"csr/{name}/values")
+        rows, _ = _rows_cols(shape)
+        for part, t in (("row pointers", crow), ("column indices", col)):
+            if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+                raise bad(f"its {part} are not a 1-D integer tensor")
+        if values.dim() != 1:
+            raise bad("its values are not a 1-D tensor")
+        if crow.numel() != rows + 1:
+            raise bad(f"{crow.numel()} row pointers for {rows} rows")
+        if col.numel() != values.numel() or values.numel() > numel:
+            raise bad(f"{col.numel()} column indices and {values.numel()} values")
+    else:
+        bits, values = get(f"bitmask/{name}/bits"), get(f"bitmask/{name}/values")
+        if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
+            raise bad(f"{bits.numel()} bitmask bytes for {numel} elements")
+        if values.dim() != 1 or values.numel() > numel:
+            raise bad(f"{values.numel()} values")
+    return numel * (values.element_size() + 1)  # the dense weight and its bool mask
+
+
+def _check_declared_sizes(keys: list, tensors: Mapping[str, Tensor], path: Path) -> None:
+    """Refuse a key table whose shapes do not fit the stored tensors, before decoding anything."""
+    seen: set[str] = set()
+    needs: dict[str, int] = {}
+    elements = 0
+    for index, entry in enumerate(keys):
+        name, encoding, shape = _entry_shape(entry, index, seen, path)
+        needs[name] = _stored_fits(name, encoding, shape, tensors, path)
+        elements += math.prod(shape)
+        if elements > MAX_DENSE_ELEMENTS:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} (shape {list(shape)}) brings the file's declared size to more than "
+                f"{MAX_DENSE_ELEMENTS:,} elements, more than probmask loads from one file"
+            )
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    declared = sum(needs.values())
+    if declared > MAX_EXPANSION * stored + EXPANSION_SLACK:
+        worst = max(needs, key=lambda k: needs[k])
+        raise CheckpointError(
+            f"{path}: the declared shapes need {declared:,} bytes once decoded but the file stores only "
+            f"{stored:,} bytes of tensors (at most {MAX_EXPANSION}x is plausible); the largest is {worst!r}"
+        )
+
+
 def _decode_entry(entry: Mapping[str, Any], tensors: Mapping[str, Tensor], path: Path) -> tuple[Tensor, Tensor | None]:
     name, encoding = entry["name"], entry["encoding"]
     shape = tuple(int(s) for s in entry["shape"])
@@ -176,6 +276,7 @@ def _load_sparse(path: Path) -> Checkpoint:
     if not isinstance(keys, list):
         raise CheckpointError(f"{path}: the sparse file's metadata has no key table")
     tensors = _load_safetensors_tensors(path)
+    _check_declared_sizes(keys, tensors, path)
     state: dict[str, Tensor] = {}
     masks: dict[str, Tensor] = {}
     for entry in keys:

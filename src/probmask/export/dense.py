@@ -62,15 +62,33 @@ def save_safetensors(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
 
 
 def _load_pt(path: Path) -> Checkpoint:
+    """Read a ``.pt`` file with ``torch.load(weights_only=True)``: tensors and plain values only.
+
+    Only PyTorch's zip format is read (``torch.save``'s default since PyTorch 1.6, and what
+    :func:`save_pt` writes): there PyTorch checks every tensor's declared size against the bytes
+    stored for it. The legacy format allocates the declared sizes before reading anything.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise CheckpointError(
+                f"{path} is in PyTorch's legacy (pre-1.6) serialization format, which probmask does not "
+                "read: it is not a file that probmask wrote"
+            )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        text = str(err)
+        lower = text.lower()
+        # PyTorch's weights_only messages advise weights_only=False, i.e. running code from the file:
+        # never passed on
+        if "unsupported" in lower or "blocked" in lower:
             raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain containers; "
-                "probmask refuses to unpickle them (weights_only=True)"
+                f"{path} holds objects other than tensors and plain values (dicts, lists, numbers, "
+                "strings); probmask does not load those, and a probmask model file never holds them"
             ) from None
+        if "weights only" in lower or "weights_only" in lower:
+            raise CheckpointError(f"{path} is corrupted: its pickled data cannot be read") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         raise CheckpointError(f"{path} is corrupted or truncated: {first}") from None
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise CheckpointError(
