@@ -313,6 +313,32 @@ def test_sparse_file_that_fits_still_loads(tmp_path):
     assert torch.equal(back.state_dict["w"], expected) and torch.equal(back.masks["w"], expected != 0)
 
 
+@pytest.mark.parametrize("keys", [5, "abc", [{"name": 1}, {"name": "2.bias"}], [None], {"a": 1}])
+def test_crafted_key_tables_of_a_safetensors_file(capsys, place, lenet, keys):
+    from safetensors.torch import save_file
+
+    meta = {**lenet.meta, "keys": keys}
+    tensors = {**lenet.state_dict, **{f"masks/{k}": v for k, v in lenet.masks.items()}}
+    path = place / "m.safetensors"
+    save_file(tensors, str(path), metadata={"probmask": json.dumps(meta), "probmask_format": "dense"})
+    back = export.load(path)  # the key table only orders the keys
+    assert set(back.state_dict) == set(lenet.state_dict)
+    path = place / "m.sparse.safetensors"
+    save_file(tensors, str(path), metadata={"probmask": json.dumps(meta), "probmask_format": "sparse"})
+    with pytest.raises(CheckpointError):
+        export.load(path)
+    refused_unchanged(capsys, place, ["eval", path], str(path))
+
+
+def test_deeply_nested_metadata(tmp_path, lenet):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file(dict(lenet.state_dict), str(path), metadata={"probmask": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        export.load(path)
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo should never run",))

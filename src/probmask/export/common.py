@@ -134,6 +134,8 @@ def _read_meta(header: Mapping[str, str], path: Path) -> dict[str, Any]:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: the metadata block is not valid JSON ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: the metadata block is nested too deeply") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: the metadata block is not a JSON object")
     return meta

@@ -110,8 +110,10 @@ def _load_dense_safetensors(path: Path) -> Checkpoint:
     tensors = _load_safetensors_tensors(path)
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
-    order = [e.get("name") for e in meta.get("keys", []) if isinstance(e, dict)]
-    if sorted(order) == sorted(state):  # safetensors sorts keys; restore the state_dict order
+    keys = meta.get("keys")
+    order = [e.get("name") for e in keys if isinstance(e, dict)] if isinstance(keys, list) else []
+    if all(isinstance(k, str) for k in order) and sorted(order) == sorted(state):
+        # safetensors sorts keys; restore the state_dict order
         state = {k: state[k] for k in order}
         masks = {k: masks[k] for k in order if k in masks}
     return Checkpoint(state, masks, meta)
