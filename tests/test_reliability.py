@@ -270,6 +270,8 @@ def _crafted(state: dict, marker: Path) -> dict[str, object]:
         "truncated": "truncate",
         "a pickle that runs code": {"version": 2, "payload": _Evil(marker)},
         "a list": [1, 2, 3],
+        "the legacy format": "legacy",
+        "a folder": "folder",
         "another version": {**state, "version": 99},
         "no config": {k: v for k, v in state.items() if k != "config"},
         "config of the wrong type": {**state, "config": "seed: 0"},
@@ -294,6 +296,11 @@ def test_crafted_checkpoints_are_refused_in_one_line(finished_run, tmp_path, cap
         path = run_dir / "checkpoint.pt"
         if content == "truncate":
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        elif content == "legacy":
+            torch.save(state, path, _use_new_zipfile_serialization=False)
+        elif content == "folder":
+            path.unlink()
+            path.mkdir()
         elif isinstance(content, bytes):
             path.write_bytes(content)
         else:

@@ -79,6 +79,15 @@ def read(path: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}; delete it to restart the run "
+                        "from the beginning") from None
+    if not zipped:  # PyTorch's legacy format would allocate the sizes it declares before reading
+        raise UserError(f"{path} is not a checkpoint probmask wrote (not PyTorch's zip format, or damaged); "
+                        "delete it to restart the run from the beginning")
+    try:
         # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file: say which and what to do

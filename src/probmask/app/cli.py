@@ -150,11 +150,10 @@ def format_summary(result: RunResult) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     """Under ``torchrun --nproc_per_node=N`` every process runs this: rank 0 resolves the config
     and the run directory for all, logs, writes the files and prints the summary."""
+    from probmask.app import rundir
     from probmask.app.config import config_to_yaml
     from probmask.app.distributed import DistContext
     from probmask.app.experiment import run_experiment
-
-    from probmask.app import rundir
 
     dist = DistContext.from_env()
     run_dir, created = None, []
