@@ -234,7 +234,7 @@ def test_unreadable_checkpoint_is_a_user_error(tiny, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(straight.run_dir, copy)
     (copy / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read .*checkpoint.pt.*delete it to restart"):
+    with pytest.raises(UserError, match="checkpoint.pt is not a checkpoint probmask wrote.*delete it to restart"):
         run_experiment(cfg, copy, resume=True)
 
 
