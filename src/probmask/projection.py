@@ -8,10 +8,24 @@ The feasible set is ``{s : 0 <= s_i <= 1, sum_i s_i <= k}``, optionally with per
 ``f(c) = sum_i clamp(s_i - c, 0, 1)`` is monotone and piecewise linear. We find its root with
 Newton steps that use the count ``#{i : s_i > c}`` as slope. That slope is never smaller than the
 true one, so a step taken from the left of the root never passes it (``f`` lies above the
-tangent line on the right), the iteration is monotone from the left, and it stops when the step
-is below one float32 unit in the last place (or ``f`` meets the budget to the accuracy of its
-float32 sum): the answer is exact to float32, not to a tolerance. Steps from the right of the
-root and float32 rounding are safeguarded by a bracket (see :mod:`probmask.threshold_search`).
+tangent line on the right), the iteration is monotone from the left, and it stops when ``f``
+meets the budget to the accuracy of its float32 sum (2^-21, relative) or when its bracket is
+down to neighbouring float32 thresholds: the answer is exact to float32, not to a tolerance.
+Steps from the right of the root and float32 rounding are safeguarded by that bracket.
+
+Where float32 cannot resolve the threshold (large scores: near 1e6 neighbouring thresholds are 1/16
+apart; heavy ties: a step of the threshold moves every tied score at once), the scores of that
+problem are shifted in place by a float32 ``r`` next to the threshold (exact for every score that
+ends strictly between 0 and 1 once ``|r| >= 4``, by Sterbenz's lemma; else within 2^-24) and a
+residual threshold is searched again; the output is then ``clamp((s - r) - c', 0, 1)``, the same
+clamp with a finer threshold. What this guarantees for every finite input, with every code path
+(:mod:`probmask.threshold_search` has the details): ``0 <= s <= 1``; ``sum(s) <= k (1 + 1e-6)``
+(``k (1 + 2^-21)`` as the search sums, plus the rounding of that sum); where the budget binds,
+``sum(s) >= k (1 - 2^-21)`` as the search sums (``k (1 - 2^-20)`` with binding floors), or else the
+sum is below ``k`` and one float32 step down of the (shifted) threshold would put it above the upper
+tolerance (ties the float32 outputs cannot split); binding floors met to 2^-22 (relative; from above
+where float32 cannot), the other layers at least ``floor (1 - 1e-6)``. Normal training states (scores near [0, 1]) meet the budget without any shift: no
+extra pass.
 
 Floors enter the same iteration: the budget equation is ``sum_l max(f_l(v), floor_l) = k``
 (a layer held at its floor contributes the floor and no slope), so one Newton iteration with
@@ -40,8 +54,8 @@ import torch
 from torch import Tensor
 
 from probmask import kernels
+from probmask import threshold_search as ts
 from probmask.kernels import cpu, ops
-from probmask.threshold_search import solve_device, solve_host
 
 __all__ = ["ProjectionResult", "project", "project_", "work_buffer"]
 
@@ -80,6 +94,10 @@ def project_(
     work tensor (see :func:`work_buffer`; a tensor shaped like ``scores`` also works), so that a
     step allocates nothing. ``fused`` and ``search`` override :func:`probmask.kernels.settings`.
     Raises ``ValueError`` on NaN/inf scores, a budget below the floors, or a non-positive budget.
+
+    Any finite scores are projected (see the module docstring for what is guaranteed): where
+    float32 cannot resolve a threshold, the scores of that layer set are shifted by a float32
+    ``r`` first, and the reported thresholds are ``r + c'`` (float64).
     """
     if scores.dim() != 1:
         raise ValueError(f"project_ expects a flat 1-D score tensor, got shape {tuple(scores.shape)}")
@@ -104,9 +122,10 @@ def project_(
     search = setting.search if search is None else search
     host = scores.device.type == "cpu" if search == "auto" else search == "host"
     plan = _Plan(scores, sizes, buffer, fused=fused, host=host)
-    solve = solve_host if host else solve_device
-    v, thresholds, binding = solve(plan, float(budget), floor_t if floors is not None else None, float(start))
-    plan.apply(thresholds)
+    run = _HostRun(plan) if host else _DeviceRun(plan)
+    v, residual, thresholds, binding = ts.solve(run, plan, float(budget), floor_t if floors is not None else None,
+                                                float(start))
+    plan.apply(residual)
     return ProjectionResult(
         v,
         torch.tensor(thresholds, dtype=torch.float64),
@@ -172,6 +191,7 @@ class _Plan:
         self.fused = fused
         self.direct = fused and host and scores.device.type == "cpu"  # the C implementation, no dispatcher
         self.nlayers = len(sizes)
+        self.n = scores.numel()
         self.sizes = sizes
         self.starts = [0, *itertools.accumulate(sizes[:-1])]
         self.layers = list(scores.split(sizes)) if self.direct else []
@@ -285,9 +305,21 @@ class _Plan:
             pos += 2 * m
         return f, n, raw
 
-    def layer_min(self, subset: tuple[list[int], list[int]]) -> Tensor:
-        """The smallest score of each chunk of ``subset`` (no sync)."""
-        return torch.stack([self.src[k].amin() for k in subset[0]])
+    def layer_range(self, subset: tuple[list[int], list[int]]) -> Tensor:
+        """The smallest and the largest score of each chunk of ``subset``, [chunks, 2] (no sync)."""
+        return torch.stack([torch.stack(torch.aminmax(self.src[k])) for k in subset[0]])
+
+    def finite(self) -> bool:
+        """Whether every score is finite (one pass; only when a raw sum was not)."""
+        return bool(torch.isfinite(self.scores).all())
+
+    def shift(self, layers: list[int], amounts: list[float]) -> None:
+        """In place: s <- fl32(s - r) over each of ``layers`` with its float32 ``r`` (the search's
+        refinement: exact for every score within a factor 2 of r)."""
+        for layer, r in zip(layers, amounts):
+            if r != 0.0:
+                a = self.starts[layer]
+                self.scores[a : a + self.sizes[layer]].sub_(r)
 
     def apply(self, thresholds: list[float]) -> None:
         """In place: s <- clamp(s - c_l, 0, 1) with each layer's threshold."""
@@ -299,3 +331,141 @@ class _Plan:
             src.sub_(thresholds[i]).clamp_(0.0, 1.0)
 
 
+# ------------------------------------------------------------------------------ running the searches
+class _HostRun:
+    """Runs :mod:`probmask.threshold_search`'s searches over the plan's sums in Python floats, a
+    check after every evaluation (the CPU)."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+
+    def _per_layer(self, thresholds: list[float], subset: tuple[list[int], list[int]], m: int) -> tuple[list, list]:
+        f, n = [0.0] * m, [0.0] * m
+        for (fk, nk), p in zip(self.plan.sums(thresholds, subset, check=False).tolist(), subset[1]):
+            f[p] += fk
+            n[p] += nk
+        return f, n
+
+    def layer_sums(self, layers: list[int], c: float) -> tuple[list[float], list[float]]:
+        self.plan.iterations += 1
+        return self._per_layer([c], self.plan.subset(layers), len(layers))
+
+    def solve(self, layers: list[int], shared: bool, specs: list[ts._Spec], starts: list[float],
+              first: tuple[list, list] | None = None, fls: list[float] | None = None, check: bool = False):
+        """Outcomes (answer, bound, resolved, lo, hi) of one problem over ``layers`` (shared) or
+        of one per layer; for a shared problem also its last point and the per-layer (f, count)
+        there. ``first``: (f, count) per problem at ``starts`` already; ``fls``: the floors of a
+        shared problem's layers; ``check``: look for NaN and inf at the first pass."""
+        plan = self.plan
+        searches = [ts._HostSearch(*s[:8]) for s in specs]
+        cs, pending, outs, last, evaluations = list(starts), list(range(len(specs))), [None] * len(specs), None, 0
+        whole = shared and len(layers) == plan.nlayers
+        subset = plan.subset(layers) if shared and not whole else None
+        f, n = first if first is not None else (None, None)
+        while pending:
+            if f is None:
+                evaluations += 1
+                if whole:  # the packed pass over all layers
+                    f, n, raw = plan.sums_all(cs[0], check=check and evaluations == 1)
+                    if check and evaluations == 1 and not math.isfinite(raw):
+                        ts._check_raw(plan)
+                elif shared:
+                    f, n = self._per_layer([cs[0]], subset, len(layers))
+                else:  # the layers not yet done, each at its own threshold
+                    f, n = [math.nan] * len(layers), [math.nan] * len(layers)
+                    sums = self._per_layer([cs[j] for j in pending], plan.subset([layers[j] for j in pending]), len(pending))
+                    for j, fj, nj in zip(pending, *sums):
+                        f[j], n[j] = fj, nj
+            if shared:
+                last = (cs[0], f, n)
+                if fls is None:
+                    steps = [(0, sum(f), sum(n), 0.0)]
+                else:
+                    steps = [(0, sum(max(a, b) for a, b in zip(f, fls)), sum(k for a, k, b in zip(f, n, fls) if a > b),
+                              ts._FLOOR_SUM_RTOL * sum(b for a, b in zip(f, fls) if a < b))]
+                if not math.isfinite(steps[0][1]):
+                    ts._raise_non_finite()
+            else:
+                steps = [(j, f[j], n[j], 0.0) for j in pending]
+            still = []
+            for j, g, slope, held in steps:
+                nxt, done = searches[j].step(cs[j], g, slope, held)
+                if done:
+                    outs[j] = (nxt, searches[j].bound, searches[j].resolved, searches[j].lo, searches[j].hi)
+                else:
+                    cs[j] = nxt
+                    still.append(j)
+            pending, f = still, None
+            if evaluations >= ts._MAX_ITERS and pending:
+                raise ts._not_converged(evaluations)
+        plan.iterations += evaluations
+        return outs, last
+
+
+class _DeviceRun(_HostRun):
+    """Runs the searches in device tensors: blocks of steps, one host synchronisation per block."""
+
+    def layer_sums(self, layers: list[int], c: float) -> tuple[list[float], list[float]]:
+        plan = self.plan
+        plan.iterations += 1
+        subset = plan.subset(layers)
+        rows = plan.sums(torch.tensor([c], dtype=torch.float32, device=plan.device), subset, check=False)
+        return tuple(torch.stack(_per_layer(rows, len(layers), torch.tensor(subset[1], device=plan.device))).tolist())
+
+    def solve(self, layers: list[int], shared: bool, specs: list[ts._Spec], starts: list[float],
+              first: tuple[list, list] | None = None, fls: list[float] | None = None, check: bool = False):
+        plan, device = self.plan, self.plan.device
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.float64, device=device)  # noqa: E731
+        lo, target, size, hi = (as_t([s[k] for s in specs]) for k in (0, 1, 3, 5))
+        tol = None if specs[0].tol is None else as_t([s.tol for s in specs])
+        upper = None if specs[0].upper is None else as_t([s.upper for s in specs])
+        search = ts._DeviceSearch(lo, target, specs[0].lo_known, size, specs[0].below, hi, tol, upper)
+        m = len(layers)
+        whole = shared and m == plan.nlayers
+        subset = plan.all if whole else plan.subset(layers)
+        index = torch.tensor(plan.layer if whole else subset[1], device=device)
+        fls_t = None if fls is None else as_t(fls)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        c32 = as_t(starts).float()
+        f, n = (as_t(first[0]), as_t(first[1])) if first is not None else (None, None)
+        raw, held, iters, blocks = None if check else zero, None, 0, ts._blocks(False)
+        while True:
+            for _ in range(next(blocks)):
+                if f is None:
+                    rows = plan.sums(c32, subset, check=raw is None)
+                    if raw is None:
+                        raw = rows[:, 0].double().sum()
+                    f, n = _per_layer(rows, m, index)
+                    iters += 1
+                f_l, n_l = f, n
+                if shared and fls_t is not None:
+                    held = ts._FLOOR_SUM_RTOL * torch.where(f < fls_t, fls_t, zero).sum(0, keepdim=True)
+                    f, n = torch.maximum(f, fls_t).sum(0, keepdim=True), torch.where(f > fls_t, n, zero).sum(0, keepdim=True)
+                elif shared:
+                    f, n = f.sum(0, keepdim=True), n.sum(0, keepdim=True)
+                g = f
+                c, done = search.step(c32, f, n, held)
+                c32, f = c.float(), None
+            state = torch.stack([done.all(), torch.isfinite(g).all(), torch.isfinite(raw), search.wide()]).tolist()
+            if not state[1]:
+                ts._raise_non_finite()
+            if not state[2]:
+                ts._check_raw(plan)
+            if state[0]:
+                break
+            if iters >= ts._MAX_ITERS:
+                raise ts._not_converged(iters)
+            search.geometric = search.geometric or state[3]
+        plan.iterations += iters
+        outs = search.outcome()  # one sync
+        last = (outs[0][5], *torch.stack([f_l, n_l]).tolist()) if shared and fls is not None else None
+        return [o[:5] for o in outs], last
+
+
+def _per_layer(rows: Tensor, count: int, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Per layer (f, count) from the rows of its chunks (``idx``: each chunk's layer position)."""
+    rows = rows.double()
+    if rows.shape[0] == count:
+        return rows[:, -2], rows[:, -1]
+    zeros = torch.zeros(count, dtype=torch.float64, device=rows.device)
+    return zeros.index_add(0, idx, rows[:, -2]), zeros.index_add(0, idx, rows[:, -1])
