@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from cli_util import assert_user_error, run
 from deploy_util import prune
 from probmask import export
 from probmask.app.cli import main
@@ -31,12 +32,6 @@ def run_dir(tmp_path_factory):
     export.save_pt(export.Checkpoint(model.state_dict(), masks, meta), root / "model.pt")
     (root / "results.json").write_text(json.dumps({"sparsity": 0.95}))
     return root
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors", "sparse"])
@@ -126,14 +121,6 @@ def test_eval_data_set_from_the_command_line(capsys, run_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- bad input
-def assert_user_error(code, err, *needles):
-    assert code == 2
-    assert "Traceback" not in err
-    assert err.startswith("probmask: error: ") and err.count("\n") == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 @pytest.mark.parametrize("command", [["eval"], ["export", "--format", "sparse"]])
 def test_run_directory_without_a_model(capsys, tmp_path, command):
     code, _, err = run(capsys, command[0], tmp_path, *command[1:])

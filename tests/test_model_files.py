@@ -8,7 +8,6 @@ tree is compared before and after.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_util import assert_user_error, run, snapshot
 from probmask import export
 from probmask.app.cli import main
 from probmask.app.models import build_model
@@ -72,16 +72,6 @@ def place(tmp_path, monkeypatch):
     return tmp_path
 
 
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under ``root`` with its kind, size, modification time and (files) content hash."""
-    seen = {}
-    for path in sorted(root.rglob("*")):
-        st = path.lstat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        seen[str(path.relative_to(root))] = (path.is_dir(), st.st_size, st.st_mtime_ns, digest)
-    return seen
-
-
 def save_raw(path: Path, state: dict, masks: dict, meta: dict) -> Path:
     """What save_pt writes, but with the metadata exactly as given (no JSON normalisation)."""
     torch.save({"state_dict": state, "masks": masks, "meta": meta}, path)
@@ -94,26 +84,11 @@ def crafted(ckpt: Checkpoint, path: Path, **changes: object) -> Path:
     return save_raw(path, ckpt.state_dict, ckpt.masks, meta)
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_refused(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert err.startswith("probmask: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err and "\x1b" not in err
-    assert "weights_only=False" not in err
-    for needle in needles:
-        assert needle in err, err
-
-
 def refused_unchanged(capsys, root: Path, argv: list, *needles: str) -> str:
     """Run ``probmask *argv``: refused with one line, and nothing under ``root`` created or changed."""
     before = snapshot(root)
     code, out, err = run(capsys, *argv)
-    assert_refused(code, err, *needles)
+    assert_user_error(code, err, *needles)
     assert snapshot(root) == before
     return err
 

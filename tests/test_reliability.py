@@ -7,7 +7,6 @@ The fuzz tests draw their cases from a seeded generator, so a failure reproduces
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from cli_util import assert_user_error, run, snapshot
 from probmask.app import cli, experiment, rundir
 from probmask.app.config import config_to_dict, load_config
 from runner_util import TINY
@@ -31,30 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every file and folder under ``root`` with its content hash and modification time."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        st = path.lstat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        out[str(path.relative_to(root))] = (path.is_dir(), digest, st.st_mtime_ns)
-    return out
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *expected: str) -> None:
-    assert code == 2, err
-    assert err.startswith("probmask: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err and "weights_only" not in err
-    for text in expected:
-        assert text in err, err
 
 
 class Reached(Exception):

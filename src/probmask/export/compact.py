@@ -155,15 +155,19 @@ def _entry_shape(entry: object, index: int, seen: set[str], path: Path) -> tuple
     return name, encoding, tuple(shape)
 
 
+def _stored(tensors: Mapping[str, Tensor], key: str, path: Path) -> Tensor:
+    if key not in tensors:
+        raise CheckpointError(f"{path}: tensor {key!r} is missing")
+    return tensors[key]
+
+
 def _stored_fits(name: str, encoding: str, shape: tuple[int, ...], tensors: Mapping[str, Tensor],
                  path: Path) -> int:
     """Check that the tensors stored for ``name`` can hold ``shape``; the bytes decoding it allocates."""
     numel = math.prod(shape)
 
     def get(key: str) -> Tensor:
-        if key not in tensors:
-            raise CheckpointError(f"{path}: tensor {key!r} is missing")
-        return tensors[key]
+        return _stored(tensors, key, path)
 
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{path}: the {encoding} data of {name!r} does not fit its declared shape "
@@ -225,9 +229,7 @@ def _decode_entry(entry: Mapping[str, Any], tensors: Mapping[str, Tensor], path:
     numel = math.prod(shape)
 
     def get(key: str) -> Tensor:
-        if key not in tensors:
-            raise CheckpointError(f"{path}: tensor {key!r} is missing")
-        return tensors[key]
+        return _stored(tensors, key, path)
 
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{path}: the {encoding} data of {name!r} is corrupted ({why})")
