@@ -18,6 +18,9 @@ CASES = {
     "resnet32": ((3, 32, 32), {"width": 4}, 31 + 2 + 1),  # 31 3x3 convs, 2 shortcut convs, fc
     "vgg19_bn": ((3, 32, 32), {"width": 2}, 16 + 1),
     "torchvision:resnet18": ((3, 32, 32), {}, 20 + 1),
+    # the library's default selection: patch embedding, 2 x (attention out + 2 MLP), head; the
+    # runner adds the attention input projections (tests/test_vit.py)
+    "vit_tiny": ((1, 28, 28), {"dim": 16, "depth": 2, "heads": 2, "mlp": 32}, 1 + 2 * 3 + 1),
 }
 
 

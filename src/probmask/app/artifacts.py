@@ -10,7 +10,9 @@ A run directory holds:
 * ``checkpoint.pt`` -- see :mod:`probmask.app.checkpoint`;
 * ``results.json`` -- ``test_accuracy`` (percent, the finalized model on the test set),
   ``sparsity`` / ``kept`` / ``total`` (recounted from the finalized weights: zeros among the
-  prunable weights), ``layers`` (``{name, shape, numel, kept, density}`` each) and run facts;
+  prunable weights), ``layers`` (``{name, shape, numel, kept, density}`` each, plus ``role``
+  when the model declares roles, e.g. ``vit_tiny``; then also ``roles``: ``{role, layers,
+  numel, kept, density}`` per role) and run facts;
   written last, so its presence means the run is complete;
 * ``model.pt`` -- the finalized plain model, see :func:`save_model`;
 * ``layer_density.png`` and ``training.png``.

@@ -31,7 +31,7 @@ from probmask.app.data import DataSplits, load_data
 from probmask.app.distributed import DistContext
 from probmask.app.errors import UserError
 from probmask.app.methods import METHODS, build_method
-from probmask.app.models import build_model, check_input, check_model_name
+from probmask.app.models import build_model, check_input, check_model_name, parameter_roles
 from probmask.app.training import Loaders, Loop, Optimizers, finetune_optimizers, main_optimizers
 from probmask.atomic_io import atomic_write_file
 from probmask.report import Report
@@ -234,15 +234,17 @@ class Experiment:
         floors = {layer.name: layer.floor for layer in method_report.layers}
         binding = {layer.name: layer.floor_binding for layer in method_report.layers}
         masks = self.method.masks()
+        roles = parameter_roles(self.model, list(masks))  # empty unless the model declares roles
         model = self.method.finalize()
         recount = Report.count_nonzero({name: model.get_parameter(name) for name in masks}, floors, binding)
-        report = Report(recount.layers, fixed=True, target_kept=method_report.target_kept)
+        report = Report(recount.layers, fixed=True, target_kept=method_report.target_kept).with_roles(roles)
         test_loss, test_acc = self.loop.evaluate(model, self.loaders.test, "final test")
         cfg = self.cfg
         results = {
             "test_accuracy": test_acc, "test_loss": test_loss, "sparsity": report.sparsity,
             "kept": int(report.kept), "total": report.total, "target_kept": report.target_kept,
-            "layers": [layer.summary() for layer in report.layers],
+            "layers": report.summaries(),  # each with its "role" when the model declares roles
+            **({"roles": [group.summary() for group in report.role_groups()]} if roles else {}),
             "model": cfg.model.name, "data": cfg.data.name, "method": cfg.prune.method,
             "target_sparsity": cfg.prune.sparsity,
             "epochs": {"main": cfg.train.epochs, "finetune": sum(h["phase"] == "finetune" for h in self.history)},

@@ -13,6 +13,7 @@ Registered: ``probmask`` (the default) and the baselines of :mod:`probmask.app.b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 from probmask.app.baselines import Dense, EdgePopup, Magnitude, RandomMask
 from probmask.app.config import PruneConfig
 from probmask.app.errors import UserError
+from probmask.app.models import prune_include
 from probmask.app.registry import Registry
 from probmask.masked import MaskedModel
 from probmask.schedules import CubicBudget, TemperatureSchedule
@@ -36,8 +38,14 @@ _SUPERMASK = ("probmask", "edgepopup")  # the methods that can find supermasks o
 
 def build_method(model: nn.Module, cfg: PruneConfig) -> MaskedModel:
     """Attach method ``cfg.method`` to ``model``. A setting the method refuses (sparsity, floors,
-    include/exclude patterns that match nothing) becomes a :class:`UserError`."""
+    include/exclude patterns that match nothing) becomes a :class:`UserError`.
+
+    An empty ``prune.include`` takes the patterns the model declares prunable
+    (:func:`probmask.app.models.prune_include`, e.g. ``vit_tiny``'s attention input projections),
+    so every method, a registered one included, prunes the same weights."""
     build = METHODS.get(cfg.method)
+    if not cfg.include:
+        cfg = dataclasses.replace(cfg, include=prune_include(model))
     if cfg.freeze_weights and cfg.method not in _SUPERMASK:
         raise UserError(
             f"prune.freeze_weights=true (supermask mode) is for {' and '.join(_SUPERMASK)}; "

@@ -2,10 +2,22 @@
 
 Registered: ``lenet300`` (784-300-100-10 MLP), ``lenet5``, ``resnet32`` (CIFAR ResNet-32 with the
 paper's widths 32-64-128; ``width=16`` gives the classic 16-32-64), ``vgg19_bn`` for 32x32
-inputs, and ``torchvision:NAME`` for any torchvision classification model (built with
-``weights=None``: nothing is ever downloaded). Every builder takes ``num_classes`` and
+inputs, ``vit_tiny`` (a small Vision Transformer, :mod:`probmask.app.vit`), and
+``torchvision:NAME`` for any torchvision classification model (built with ``weights=None``:
+nothing is ever downloaded). Every builder takes ``num_classes`` and
 ``input_shape`` (one example, ``[C, H, W]``) plus its own keyword options; the same call rebuilds
 a saved model from the ``meta`` block of ``model.pt`` (see :mod:`probmask.app.artifacts`).
+
+A model may declare two things about its pruning, read by :func:`prune_include` and
+:func:`parameter_roles` (``vit_tiny`` declares both; models without them are pruned and reported
+per layer as usual):
+
+* ``prune_include``: a tuple of ``fnmatch`` patterns of parameters to prune beyond the default
+  ``nn.Linear`` / ``nn.Conv*`` weights (e.g. ``"*.in_proj_weight"`` of ``nn.MultiheadAttention``).
+  The runner prunes them unless ``prune.include`` is set, which then replaces them;
+  ``prune.exclude`` keeps any of them dense.
+* ``parameter_role(name) -> str | None``: the role of a prunable parameter (e.g. "MLP"), by which
+  ``results.json``, the printed report and the per-layer plot group the layers.
 
 A model file's metadata is data, not instructions: before building anything for real,
 :mod:`probmask.app.artifacts` checks ``input_shape`` with :func:`check_input_shape` and builds a
@@ -41,6 +53,8 @@ __all__ = [
     "check_input_shape",
     "check_model_name",
     "model_names",
+    "parameter_roles",
+    "prune_include",
     "register_model",
 ]
 
@@ -63,6 +77,25 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 def model_names() -> list[str]:
     """The registered names (``torchvision:NAME`` comes on top of these)."""
     return MODELS.names()
+
+
+def prune_include(model: nn.Module) -> list[str]:
+    """The parameter-name patterns ``model`` declares prunable beyond the default selection
+    (its ``prune_include`` attribute; empty if it has none)."""
+    patterns = getattr(model, "prune_include", ())
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{type(model).__name__}.prune_include must be a tuple of strings, got {patterns!r}")
+    return list(patterns)
+
+
+def parameter_roles(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """``{name: role}`` for the parameters ``names`` by ``model.parameter_role`` (names it gives no
+    role are "other"); empty if the model declares no roles."""
+    role_of = getattr(model, "parameter_role", None)
+    if role_of is None:
+        return {}
+    roles = {name: role_of(name) for name in names}
+    return {name: role if role is not None else "other" for name, role in roles.items()}
 
 
 def _torchvision_names() -> list[str]:
@@ -387,3 +420,13 @@ def vgg19_bn(num_classes: int, input_shape: tuple[int, ...], width: int = 64) ->
     if len(input_shape) != 3 or min(input_shape[1:]) < 16:
         raise UserError(f"vgg19_bn needs images [C, H, W] of at least 16x16 pixels, got {list(input_shape)}")
     return CifarVGG(num_classes, input_shape[0], int(width), _VGG19)
+
+
+# ---------------------------------------------------------------------------------- Vision Transformer
+@register_model("vit_tiny")
+def vit_tiny(num_classes: int, input_shape: tuple[int, ...], patch: int = 7, dim: int = 64, depth: int = 4,
+             heads: int = 4, mlp: int = 128, dropout: float = 0.0) -> nn.Module:
+    """Small ViT (:class:`probmask.app.vit.ViTTiny`): patch 7 on 28x28, width 64, 4 blocks of 4 heads."""
+    from probmask.app.vit import ViTTiny
+
+    return ViTTiny(num_classes, input_shape, patch=patch, dim=dim, depth=depth, heads=heads, mlp=mlp, dropout=dropout)

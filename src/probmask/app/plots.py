@@ -16,7 +16,7 @@ from matplotlib.ticker import PercentFormatter
 
 from probmask.atomic_io import atomic_write_file
 
-__all__ = ["plot_layer_density", "plot_training"]
+__all__ = ["plot_layer_density", "plot_role_density", "plot_training"]
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -25,7 +25,12 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def plot_layer_density(layers: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Horizontal bars: the kept fraction of every prunable layer, with the overall density."""
+    """Horizontal bars: the kept fraction of every prunable layer, with the overall density.
+
+    Layers that carry a ``role`` (``results.json`` of a model that declares roles) are drawn grouped
+    by role instead: see :func:`plot_role_density`."""
+    if layers and all("role" in layer for layer in layers):
+        return plot_role_density(layers, path, title)
     names = [str(layer["name"]) for layer in layers]
     density = [100.0 * layer["kept"] / layer["numel"] for layer in layers]
     total = 100.0 * sum(layer["kept"] for layer in layers) / sum(layer["numel"] for layer in layers)
@@ -47,6 +52,63 @@ def plot_layer_density(layers: Sequence[Mapping[str, Any]], path: str | Path, ti
     ax.set_xlabel(f"weights kept per layer (red dashed line: all layers together, {total:.2f}%)")
     ax.set_title(title or "kept weights per layer")
     ax.grid(axis="x", alpha=0.3)
+    return _save(fig, Path(path))
+
+
+ROLE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+               "tab:olive", "tab:cyan", "tab:gray")
+
+
+def plot_role_density(layers: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Two panels sharing the density axis: the kept fraction of each role (all its layers together)
+    on top, every layer below, grouped under its role and coloured by it; the dashed red line is
+    the overall density. Roles appear in the order of their first layer."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for layer in layers:
+        groups.setdefault(str(layer["role"]), []).append(layer)
+    color = {role: ROLE_COLORS[i % len(ROLE_COLORS)] for i, role in enumerate(groups)}
+    role_density = {r: 100.0 * sum(x["kept"] for x in g) / sum(x["numel"] for x in g) for r, g in groups.items()}
+    total = 100.0 * sum(layer["kept"] for layer in layers) / sum(layer["numel"] for layer in layers)
+    rows: list[tuple[float, Mapping[str, Any]]] = []  # (y position, layer): a gap of one row between roles
+    y = 0.0
+    for group in groups.values():
+        for layer in group:
+            rows.append((y, layer))
+            y += 1
+        y += 0.6
+    names = [str(layer["name"]) for layer in layers] + list(groups)
+    width = 7.5 + 0.06 * max(len(n) for n in names)
+    fig = Figure(figsize=(width, 2.4 + 0.4 * len(groups) + 0.27 * len(layers)), layout="constrained")
+    top_ax, ax = fig.subplots(2, 1, sharex=True, height_ratios=[0.8 + 0.55 * len(groups), y])
+    density = [100.0 * layer["kept"] / layer["numel"] for _, layer in rows]
+    top = max(density + list(role_density.values()) + [total])
+
+    for row, (role, d) in enumerate(role_density.items()):
+        g = groups[role]
+        top_ax.barh(row, d, color=color[role], height=0.7)
+        top_ax.text(max(d, total) + 0.01 * top, row, f"{d:.2f}%  ({int(sum(x['kept'] for x in g))}/"
+                    f"{int(sum(x['numel'] for x in g))}, {len(g)} layer{'s' if len(g) > 1 else ''})",
+                    va="center", fontsize=8)
+    top_ax.set_yticks(range(len(groups)), list(groups), fontsize=9)
+    top_ax.set_ylim(len(groups) - 0.4, -0.6)
+    top_ax.set_title(title or "kept weights by role and layer")
+    top_ax.text(0.995, 0.03, "by role", transform=top_ax.transAxes, ha="right", va="bottom", fontsize=9, color="0.35")
+
+    ys = [pos for pos, _ in rows]
+    ax.barh(ys, density, color=[color[str(layer["role"])] for _, layer in rows], height=0.7)
+    ax.set_yticks(ys, [str(layer["name"]) for _, layer in rows], fontsize=8 if len(rows) < 30 else 6)
+    for (pos, layer), d in zip(rows, density):
+        ax.text(max(d, total) + 0.01 * top, pos, f"{d:.2f}%  ({int(layer['kept'])}/{int(layer['numel'])})",
+                va="center", fontsize=7.5)
+    ax.set_ylim(y - 0.9, -0.6)
+    ax.text(0.995, 0.01, "per layer, grouped by role", transform=ax.transAxes, ha="right", va="bottom",
+            fontsize=9, color="0.35")
+    for axis in (top_ax, ax):
+        axis.axvline(total, color="tab:red", linestyle="--", linewidth=1.2)
+        axis.grid(axis="x", alpha=0.3)
+    ax.set_xlim(0, top * 1.5)
+    ax.xaxis.set_major_formatter(PercentFormatter())
+    ax.set_xlabel(f"weights kept (red dashed line: all layers together, {total:.2f}%)")
     return _save(fig, Path(path))
 
 
