@@ -40,9 +40,9 @@ RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- benchmarks/vit.py: begin -->", "<!-- benchmarks/vit.py: end -->"
 SPARSITIES = [0.9, 0.95]
 SEEDS = [0, 1, 2]
-# every run: vit_tiny (width 64, 4 blocks, 4 heads, MLP 128), batch 32, 20 main + 5 finetune epochs
+# every run: vit_tiny (width 64, 4 blocks, 4 heads, MLP 128), batch 32, 15 main + 5 finetune epochs
 # (about 4 s per epoch on one thread of a 2-core VM; the full benchmark is 27 runs, 2 at a time)
-BASE = ["model.name=vit_tiny", "train.batch_size=32", "train.epochs=20", "finetune.epochs=5"]
+BASE = ["model.name=vit_tiny", "train.batch_size=32", "train.epochs=15", "finetune.epochs=5"]
 DRY = ["model.options.dim=16", "model.options.depth=1", "model.options.heads=2", "model.options.mlp=32",
        "data.train_size=128", "data.test_size=64", "train.epochs=2", "finetune.epochs=1"]
 # each method's candidate settings: name -> overrides
@@ -55,9 +55,15 @@ SETTINGS: dict[str, dict[str, list[str]]] = {
 
 def _jobs(base: Sequence[str], out: Path) -> list[dict[str, Any]]:
     jobs = []
-    for seed in SEEDS:
-        for method, settings in SETTINGS.items():
-            for setting, overrides in settings.items():
+    # every method's first setting over all seeds first, then the second settings: a stopped
+    # benchmark (see --finished) has the full comparison at the first settings
+    rank = max(len(settings) for settings in SETTINGS.values())
+    for index in range(rank):
+        for seed in SEEDS:
+            for method, settings in SETTINGS.items():
+                if index >= len(settings):
+                    continue
+                setting, overrides = list(settings.items())[index]
                 for sparsity in SPARSITIES if method != "dense" else [SPARSITIES[0]]:
                     level = "all" if method == "dense" else f"s{sparsity:g}"
                     run_dir = out / "runs" / method / setting.replace("=", "") / level / f"seed{seed}"
@@ -91,7 +97,10 @@ def summarize(jobs: Sequence[dict[str, Any]], outcomes: Sequence[dict[str, Any]]
     for method, settings in SETTINGS.items():
         for s in SPARSITIES:
             level = s if method != "dense" else SPARSITIES[0]
-            chosen[method, s] = min(settings, key=lambda name: statistics.fmean(loss[method, name, level]))
+            complete = [name for name in settings if len(acc.get((method, name, level), {})) == len(SEEDS)]
+            if not complete:
+                raise ValueError(f"{method} at sparsity {level:g} has no setting finished for every seed")
+            chosen[method, s] = min(complete, key=lambda name: statistics.fmean(loss[method, name, level]))
 
     def seeds_of(method: str, s: float) -> dict[int, float]:
         return acc[method, chosen[method, s], s if method != "dense" else SPARSITIES[0]]
@@ -113,10 +122,13 @@ def summarize(jobs: Sequence[dict[str, Any]], outcomes: Sequence[dict[str, Any]]
             f"{_stats(list(gmp.values()))} ({chosen['gmp', s]}) | {_stats(list(dense.values()))} | "
             f"**{statistics.fmean(diffs):+.2f}** ± {sd:.2f} | {' '.join(f'{d:+.1f}' for d in diffs)} |")
     lines += ["", "Every setting tried (test accuracy %, and the mean training loss of the last finetuning epoch "
-              "that chose the setting; * = chosen):", "",
+              "that chose the setting; * = chosen; a setting not finished for every seed shows its seeds and "
+              "is not a candidate):", "",
               "| method | setting | sparsity | test accuracy | final training loss |", "|---|---|---|---|---|"]
     for (method, setting, s), by_seed in acc.items():
         mark = " *" if chosen[method, s] == setting else ""
+        if len(by_seed) < len(SEEDS):
+            mark = f" (seeds {', '.join(map(str, sorted(by_seed)))} only)"
         lines.append(f"| {method} | {setting}{mark} | {100 * s:g}% | {_stats(list(by_seed.values()))} | "
                      f"{statistics.fmean(loss[method, setting, s]):.4f} |")
     return "\n".join(lines) + "\n", numbers
@@ -156,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", "-j", type=int, default=2, help="runs at the same time (default 2)")
     p.add_argument("--dry", action="store_true", help="tiny model, data and epochs (seconds)")
     p.add_argument("--write-results", action="store_true", help="put the tables into benchmarks/RESULTS.md")
+    p.add_argument("--finished", action="store_true",
+                   help="run nothing: summarize the finished runs in --out (those of a stopped benchmark)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
@@ -176,7 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"kept {r['kept']}/{r['total']}  ({outcome['status']} {outcome['wall_s']:.0f}s, "
               f"{time.perf_counter() - begin:.0f}s elapsed)", flush=True)
 
-    if args.jobs == 1:
+    if args.finished:
+        jobs = [job for job in jobs if (Path(job["run_dir"]) / "results.json").is_file()]
+        outcomes = [None] * len(jobs)
+        for i, job in enumerate(jobs):
+            report(i, _one_run(job))  # reuses the finished run
+    elif args.jobs == 1:
         for i, job in enumerate(jobs):
             report(i, _one_run(job))
     else:
@@ -188,7 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(0.5)
             pool.close()
             pool.join()
-    table, numbers = summarize(jobs, [o for o in outcomes if o is not None])  # every job has its outcome here
+    try:
+        table, numbers = summarize(jobs, [o for o in outcomes if o is not None])  # every job has its outcome here
+    except ValueError as err:
+        print(f"vit: {err}", file=sys.stderr)
+        return 2
     done = [o for o in outcomes if o is not None]
     minutes = sum(o["results"]["train_time_s"] for o in done) / 60
     text = (f"### vit_tiny: ProbMask against global GMP ({date.today().isoformat()}, "
@@ -196,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"in all, {args.jobs} at a time)\n\n"
             "`python benchmarks/vit.py --write-results`: `vit_tiny` (patch 7, width 64, 4 blocks of 4 heads, "
             "MLP 128; 134,848 prunable weights, the attention input projections included) on the bundled MNIST "
-            "subset (4,000 train / 1,000 test), batch 32, 20 main + 5 finetune epochs, seeds "
+            "subset (4,000 train / 1,000 test), batch 32, 15 main + 5 finetune epochs, seeds "
             f"{', '.join(map(str, SEEDS))}. Test accuracy %, mean ± sample sd over seeds; each method at the "
             "setting (in brackets) with the lower final training loss: the runner has no validation split, so "
             "no setting is chosen by test accuracy. Paired difference: ProbMask minus GMP for the same seed.\n\n"

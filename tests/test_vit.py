@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,52 @@ def test_models_without_roles_report_as_before(one_thread, tmp_path):
     assert "roles" not in result.results
     assert all("role" not in layer for layer in result.results["layers"])
     assert " total" not in result.report.format().replace("\ntotal", "")
+
+
+def _vit_benchmark():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vit.py"
+    spec = importlib.util.spec_from_file_location("vit_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_chooses_settings_by_training_loss_and_pairs_seeds(tmp_path, monkeypatch):
+    """benchmarks/vit.py's summary on made-up finished runs: the setting with the lower final
+    training loss is chosen (not the one with the higher test accuracy), differences are paired by
+    seed, and the RESULTS.md section is replaced in place."""
+    bench = _vit_benchmark()
+    jobs = bench._jobs([], tmp_path)
+    assert len(jobs) == 3 * (2 * 2 + 2 * 2 + 1)
+    outcomes = []
+    for job in jobs:
+        worse = job["setting"] in ("score_lr=0.01", "lr=0.05")  # higher loss, but higher test accuracy
+        acc = {"probmask": 93.0, "gmp": 92.0, "dense": 94.0}[job["method"]] + job["seed"] + (5.0 if worse else 0.0)
+        run = Path(job["run_dir"])
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"train_loss": 0.2 if worse else 0.1}) + "\n")
+        outcomes.append({"results": {"test_accuracy": acc, "train_time_s": 1.0}})
+    table, numbers = bench.summarize(jobs, outcomes)
+    assert "| 90% | 94.00 ± 1.00 (score_lr=0.03) | 93.00 ± 1.00 (lr=0.1) | 95.00 ± 1.00 |" in table
+    assert numbers["0.9"]["diff"] == pytest.approx(1.0) and numbers["0.9"]["diff_sd"] == pytest.approx(0.0)
+    assert "95%: ProbMask − GMP = +1.00, larger seed spread 1.00: does NOT beat" in bench.verdict(numbers)
+    # a missing seed leaves a setting out of the choice; with none complete there is no row to show
+    kept = [i for i, job in enumerate(jobs) if not (job["method"] == "gmp" and job["seed"] == 0
+                                                    and job["setting"] == "lr=0.1")]
+    table, _ = bench.summarize([jobs[i] for i in kept], [outcomes[i] for i in kept])
+    assert "(lr=0.05)" in table and "| gmp | lr=0.1 (seeds 1, 2 only) | 90% |" in table
+    missing = [i for i in kept if not (jobs[i]["method"] == "gmp" and jobs[i]["seed"] == 0)]
+    with pytest.raises(ValueError, match="no setting finished for every seed"):
+        bench.summarize([jobs[i] for i in missing], [outcomes[i] for i in missing])
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## Other\ntext\n")
+    monkeypatch.setattr(bench, "RESULTS_MD", results)
+    bench.write_results("first\n")
+    bench.write_results("second\n")
+    text = results.read_text()
+    assert text.count(bench.BEGIN) == 1 and "second" in text and "first" not in text
+    assert text.startswith("# Results\n\n## Other\ntext\n")
