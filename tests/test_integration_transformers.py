@@ -167,3 +167,15 @@ def test_two_processes_keep_identical_scores_and_mask(tmp_path):
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][key], value), key
     assert json.loads((tmp_path / "done.json").read_text())["steps"] == 8
+
+
+def test_the_example_script_prunes_to_the_requested_sparsity():
+    script = HERE.parent / "examples" / "hf_text_classification.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "40", "--hidden", "32", "--sparsity", "0.8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line.split(" ")[0]: line for line in result.stdout.splitlines()}
+    words = lines["sparsity"].split()  # "sparsity of the N prunable weights: 0.8000 (Z zero)"
+    total, zeros = int(words[3]), int(words[-2].lstrip("("))
+    assert total - zeros == kept_count(0.8, total)
+    assert 0.0 <= float(lines["test"].split()[-1]) <= 1.0
