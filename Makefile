@@ -21,10 +21,10 @@ run: $(STAMP)
 	$(BIN)/probmask run
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 	PROBMASK_KERNELS=0 $(BIN)/python -m pytest $(KERNELS_OFF_TESTS)
 
