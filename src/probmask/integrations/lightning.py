@@ -8,13 +8,17 @@
     trainer.fit(module, train_loader)  # the module ends as a plain one, 90% of its prunable weights zero
 
 The masks go on the LightningModule in ``setup`` (before a checkpoint is restored and before
-``configure_optimizers``). The scores train with their own Adam optimizer, stepped in
-``on_before_optimizer_step`` (after Lightning's gradient accumulation; unscaled under
-``16-mixed``; averaged across ranks under DDP) and projected onto the budget right after; the
-schedules follow ``trainer.global_step`` over ``trainer.estimated_stepping_batches``; the mask is
-fixed at ``fix_at`` of the steps; ``on_train_end`` finalizes the module in place. The callback's
-state (scores, their optimizer, a fixed mask) is saved in Lightning's checkpoints, so
-``trainer.fit(..., ckpt_path=...)`` resumes where training stopped.
+``configure_optimizers``), after moving it to the trainer's device. The scores train with their
+own Adam optimizer, stepped in ``on_before_optimizer_step`` (after Lightning's gradient
+accumulation; unscaled under ``16-mixed``; averaged across ranks under DDP) and projected onto
+the budget right after; the schedules follow ``trainer.global_step`` over
+``trainer.estimated_stepping_batches``; the mask is fixed at ``fix_at`` of the steps;
+``on_train_end`` finalizes the module in place. The callback's state (scores, their optimizer, a
+fixed mask) is saved in Lightning's checkpoints, so ``trainer.fit(..., ckpt_path=...)`` resumes
+where training stopped. Lightning's checkpoints hold no random number generator state, so until
+the mask is fixed a resumed run draws other relaxed masks than an uninterrupted one would (a
+module that seeds every batch resumes bit for bit), and resumed from the middle of an epoch, a
+plain ``DataLoader`` starts again from its first batch.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class ProbMaskCallback(L.Callback):
                 "ProbMaskCallback needs automatic optimization (one optimizer step per training step); "
                 "with manual optimization use probmask.integrations.driver.StepDriver in training_step"
             )
+        # Lightning moves the module to its device only after setup, and the scores are created on
+        # the weights' device: the module goes to the trainer's device first.
+        pl_module.to(trainer.strategy.root_device)
         self.driver.attach(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
