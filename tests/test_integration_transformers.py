@@ -153,6 +153,15 @@ def test_best_model_at_end_is_refused(tmp_path):
                 callbacks=[ProbMaskCallback(0.9)]).train()
 
 
+def test_gradient_checkpointing_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="gradient_checkpointing=True"):
+        train(tmp_path, ProbMaskCallback(0.9), gradient_checkpointing=True)
+    model = tiny_bert()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient_checkpointing=True"):
+        train(tmp_path, ProbMaskCallback(0.9), model=model)
+
+
 def test_two_processes_keep_identical_scores_and_mask(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

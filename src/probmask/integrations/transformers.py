@@ -75,6 +75,12 @@ class ProbMaskCallback(TrainerCallback):
                 "ProbMaskCallback does not support load_best_model_at_end=True: a best checkpoint from before "
                 "the mask was fixed would not have the final sparsity; evaluate the finalized model instead"
             )
+        if args.gradient_checkpointing or getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError(
+                "ProbMaskCallback does not support gradient_checkpointing=True: the recomputed forward pass "
+                "would draw other relaxed masks than the forward pass did; turn it off (TrainingArguments and "
+                "model.gradient_checkpointing_disable())"
+            )
         if state.global_step > 0:
             if not self._attached_at_init:
                 raise ValueError(
