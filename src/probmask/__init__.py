@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from probmask.granularity import ELEMENT, OUTPUT_CHANNEL, Granularity
     from probmask.masked import MaskedModel
     from probmask.masks import MaskMode, relaxed_mask, relaxed_masked_weight
+    from probmask.nm import NM, check_semi_structured, parse_nm, project_groups_, topn_mask
     from probmask.projection import ProjectionResult, project, project_
     from probmask.report import LayerReport, Report
     from probmask.schedules import CubicBudget, TemperatureSchedule
@@ -27,6 +28,7 @@ _EXPORTS = {
     "ELEMENT": "granularity", "OUTPUT_CHANNEL": "granularity", "Granularity": "granularity",
     "MaskedModel": "masked",
     "MaskMode": "masks", "relaxed_mask": "masks", "relaxed_masked_weight": "masks",
+    "NM": "nm", "check_semi_structured": "nm", "parse_nm": "nm", "project_groups_": "nm", "topn_mask": "nm",
     "ProjectionResult": "projection", "project": "projection", "project_": "projection",
     "LayerReport": "report", "Report": "report",
     "CubicBudget": "schedules", "TemperatureSchedule": "schedules",
@@ -61,18 +63,23 @@ __all__ = [
     "LayerReport",
     "MaskMode",
     "MaskedModel",
+    "NM",
     "ProbMask",
     "ProjectionResult",
     "Report",
     "TemperatureSchedule",
     "accumulate_samples",
+    "check_semi_structured",
     "check_sparsity",
     "kept_count",
+    "parse_nm",
     "project",
     "project_",
+    "project_groups_",
     "relaxed_mask",
     "relaxed_masked_weight",
     "repair_mask",
     "select_targets",
     "topk_mask",
+    "topn_mask",
 ]

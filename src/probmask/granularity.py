@@ -5,15 +5,23 @@ A granularity maps a weight's shape to the shape of its mask and applies the mas
 The mask shape broadcasts against the weight, so applying it is one multiplication and a group
 costs nothing to expand. :class:`probmask.MaskedModel` lays every prunable weight's mask elements
 out back to back in one flat vector; a method sees only mask elements and their layers.
+
+A granularity also says which budget its mask elements are counted against: the default is the
+global one (``floor((1 - sparsity) * n)`` elements and per-layer floors, :mod:`probmask.budget`);
+:class:`probmask.NM` (:mod:`probmask.nm`) replaces it by N kept of every M consecutive weights.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from torch import Tensor
+
+from probmask.budget import FloorSpec, check_sparsity, kept_count, resolve_floors
 
 __all__ = ["ELEMENT", "OUTPUT_CHANNEL", "Granularity", "Layout"]
 
@@ -38,6 +46,24 @@ class Granularity:
     def apply(self, weight: Tensor, mask: Tensor) -> Tensor:
         """``weight`` with the mask (shaped by :meth:`mask_shape`, any dtype) applied."""
         return weight * mask.to(weight.dtype)
+
+    # The budget hooks, called by probmask.MaskedModel in this order.
+    def check(self, names: Sequence[str], weight_shapes: Sequence[tuple[int, ...]], modules: Sequence[Any]) -> None:
+        """Refuse prunable weights (named, shaped, in these modules) this granularity cannot mask."""
+
+    def resolve_sparsity(self, sparsity: Any) -> float:
+        """The sparsity asked for, checked (see :func:`probmask.budget.check_sparsity`)."""
+        if sparsity is None:
+            raise ValueError("sparsity is required: the fraction of weights removed, e.g. sparsity=0.9")
+        return check_sparsity(sparsity)
+
+    def kept(self, sparsity: float, total: int) -> int:
+        """The exact number of the ``total`` mask elements kept at the end."""
+        return kept_count(sparsity, total)
+
+    def floors(self, floor: FloorSpec, layout: Layout, kept: int, sparsity: float) -> list[int]:
+        """Per-layer minimum kept counts (see :func:`probmask.budget.resolve_floors`)."""
+        return resolve_floors(floor, layout.rows, layout.sizes, kept, sparsity)
 
 
 ELEMENT = Granularity("element")

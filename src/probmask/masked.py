@@ -13,7 +13,8 @@ how its mask is chosen and when:
 * :meth:`MaskedModel._final_mask`: the fixed mask at the end of the main phase.
 
 One mask element may stand for a group of weights (see :mod:`probmask.granularity`); counts,
-floors and reports are in mask elements.
+floors and reports are in mask elements. The granularity also sets the budget: an
+:class:`probmask.NM` granularity fixes the sparsity at ``1 - N/M`` and has no floors.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from probmask.budget import FloorSpec, check_sparsity, kept_count, resolve_floors
+from probmask.budget import FloorSpec
 from probmask.granularity import ELEMENT, Granularity, Layout
 from probmask.report import LayerReport, Report
 from probmask.selection import DEFAULT_MODULE_TYPES, Target, select_targets
@@ -63,20 +64,22 @@ class MaskedModel:
 
     Args:
         model: any ``nn.Module``; its prunable weights get a mask parametrization in place.
-        sparsity: the fraction of mask elements removed at the end, in (0, 1).
+        sparsity: the fraction of mask elements removed at the end, in (0, 1); implied by an N:M
+            granularity (leave it None there), required otherwise.
         module_types: module classes whose ``weight`` is prunable (default: Linear, Conv*, ConvTranspose*).
         include: extra parameter-name patterns to prune (``"*.in_proj_weight"``, ``"lstm.weight_*"``).
         exclude: parameter-name patterns to keep dense (``"conv1.weight"``, ``"fc.weight"``).
         floor: per-layer minimum of kept elements (see :func:`probmask.budget.resolve_floors`).
         freeze_weights: supermask mode: no parameter of the model trains (the prunable weights keep
             their initial values); only a method's own scores do.
-        granularity: what one mask element stands for (default: one weight).
+        granularity: what one mask element stands for (default: one weight) and which budget
+            counts them (:class:`probmask.NM`: N of every M consecutive input weights).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        sparsity: float,
+        sparsity: float | None = None,
         *,
         module_types: Sequence[type[nn.Module]] = DEFAULT_MODULE_TYPES,
         include: str | Sequence[str] | None = None,
@@ -85,7 +88,7 @@ class MaskedModel:
         freeze_weights: bool = False,
         granularity: Granularity = ELEMENT,
     ) -> None:
-        self.sparsity = check_sparsity(sparsity)
+        self.sparsity = granularity.resolve_sparsity(sparsity)
         if any(parametrize.is_parametrized(m) for m in model.modules()):
             raise ValueError(
                 "the model already has parametrizations (is it wrapped by another ProbMask or method?); "
@@ -95,12 +98,14 @@ class MaskedModel:
         self.targets: list[Target] = select_targets(model, module_types, include, exclude)
         self._modules = [model.get_submodule(t.module_name) for t in self.targets]
         params = [getattr(m, t.param_name) for m, t in zip(self._modules, self.targets)]
-        self.layout = Layout.of([t.name for t in self.targets], [tuple(p.shape) for p in params], granularity)
+        names, shapes = [t.name for t in self.targets], [tuple(p.shape) for p in params]
+        granularity.check(names, shapes, self._modules)
+        self.layout = Layout.of(names, shapes, granularity)
         self.total = self.layout.total
-        self.target_kept = kept_count(self.sparsity, self.total)
+        self.target_kept = granularity.kept(self.sparsity, self.total)
         if self.target_kept < 1:
             raise ValueError(f"sparsity {self.sparsity} of {self.total} prunable weights keeps none; lower it")
-        self.floors = resolve_floors(floor, self.layout.rows, self.layout.sizes, self.target_kept, self.sparsity)
+        self.floors = granularity.floors(floor, self.layout, self.target_kept, self.sparsity)
         self.freeze_weights = bool(freeze_weights)
         self.device = params[0].device
         self.mask: Tensor | None = self._initial_mask()  # the current hard mask
@@ -249,6 +254,7 @@ class MaskedModel:
             "names": list(self.layout.names),
             "shapes": [list(s) for s in self.layout.mask_shapes],
             "sparsity": self.sparsity,
+            "granularity": self.layout.granularity.name,
             "mask": None if self.mask is None else self.mask.clone(),
             "fixed": self._fixed,
             "epoch": self.epoch,
@@ -279,6 +285,10 @@ class MaskedModel:
                 f"the state was saved at sparsity {state['sparsity']}, this {type(self).__name__} uses "
                 f"{self.sparsity}: create it with the same sparsity"
             )
+        theirs = state.get("granularity", self.layout.granularity.name)
+        if theirs != self.layout.granularity.name:
+            raise ValueError(f"the state was saved with granularity {theirs!r}, this {type(self).__name__} uses "
+                             f"{self.layout.granularity.name!r}: create it with the same granularity")
         mask = state["mask"]
         self.mask = None if mask is None else mask.to(device=self.device, dtype=torch.bool).clone()
         self._fixed = bool(state["fixed"])

@@ -4,6 +4,9 @@ A :class:`~probmask.masked.MaskedModel` whose mask is learned: every prunable we
 keep-probability (one flat float32 tensor of scores), training samples relaxed masks from them,
 the budget and temperature schedules move per epoch, the scores are projected onto the budget
 after every optimizer step, and the mask is fixed with the exact budget at the end.
+
+With ``granularity=NM(2, 4)`` the budget is N of every M consecutive input weights instead of one
+global count (:mod:`probmask.nm`): the same training, a per-group projection and a top-N fix.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from torch import Tensor, nn
 from probmask import kernels
 from probmask.budget import FloorSpec
 from probmask.fixing import sample_mask, topk_mask
+from probmask.granularity import ELEMENT, Granularity
 from probmask.masked import MaskedModel
 from probmask.masks import MaskMode, relaxed_masked_weight, sample_masked_weights
+from probmask.nm import NM, project_groups_, sample_nm_mask, topn_mask
 from probmask.projection import project_
 from probmask.schedules import CubicBudget, TemperatureSchedule
 from probmask.selection import DEFAULT_MODULE_TYPES
@@ -51,10 +56,13 @@ def accumulate_samples(loss_fn: Callable[[], Tensor], num_samples: int) -> Tenso
 
 
 class ProbMask(MaskedModel):
-    """Probabilistic masking of a model's weights under one global sparsity budget.
+    """Probabilistic masking of a model's weights under one global sparsity budget, or N:M.
 
     Args (besides those of :class:`~probmask.masked.MaskedModel`: ``model``, ``sparsity``,
-    ``module_types``, ``include``, ``exclude``, ``floor``, ``freeze_weights``):
+    ``module_types``, ``include``, ``exclude``, ``floor``, ``freeze_weights``, ``granularity``):
+        granularity: ``ELEMENT`` (default: one global budget) or ``NM(n, m)``: N of every M consecutive
+            input weights, e.g. ``ProbMask(model, granularity=NM(2, 4))`` (the sparsity is ``1 - N/M``;
+            each group's relaxed budget follows ``M * keep_ratio``, at least N; see :mod:`probmask.nm`).
         score_init: initial keep-probability. At exactly 1 a score still gets its true gradient,
             because the relaxation's derivative is computed in a form that does not round to 0.
         budget: keep-ratio schedule (default: the paper's cubic schedule to ``1 - sparsity``).
@@ -70,7 +78,7 @@ class ProbMask(MaskedModel):
     def __init__(
         self,
         model: nn.Module,
-        sparsity: float,
+        sparsity: float | None = None,
         *,
         module_types: Sequence[type[nn.Module]] = DEFAULT_MODULE_TYPES,
         include: str | Sequence[str] | None = None,
@@ -83,12 +91,14 @@ class ProbMask(MaskedModel):
         fix: str = "topk",
         fix_samples: int = 10,
         check_finite: bool = True,
+        granularity: Granularity = ELEMENT,
     ) -> None:
         if not 0.0 <= score_init <= 1.0:
             raise ValueError(f"score_init is a probability and must lie in [0, 1], got {score_init}")
-        _check_fix(fix, fix_samples)
+        _check_fix(fix, fix_samples, granularity)
         super().__init__(model, sparsity, module_types=module_types, include=include, exclude=exclude,
-                         floor=floor, freeze_weights=freeze_weights)
+                         floor=floor, freeze_weights=freeze_weights, granularity=granularity)
+        self._nm = granularity if isinstance(granularity, NM) else None
         self.budget_schedule = budget or CubicBudget(1.0 - self.sparsity)
         self.temperature_schedule = temperature or TemperatureSchedule()
         self.fix, self.fix_samples = fix, fix_samples
@@ -207,7 +217,8 @@ class ProbMask(MaskedModel):
 
     @torch.no_grad()
     def project(self) -> None:
-        """Project all scores onto {0 <= s <= 1, sum s <= budget, layer sums >= floors}.
+        """Project all scores onto {0 <= s <= 1, sum s <= budget, layer sums >= floors}; under N:M every
+        group of M onto {0 <= s <= 1, sum s <= budget * M / total} (the fused kernels do not apply).
 
         Call after every optimizer step of the scores. Does nothing once the mask is fixed.
         """
@@ -215,10 +226,10 @@ class ProbMask(MaskedModel):
         if self._fixed:
             return
         if self.check_finite:
-            totals = torch.stack([self._original(i).detach().float().sum() for i in range(len(self.targets))])
-            if not bool(torch.isfinite(totals).all()):
-                bad = [t.name for t, ok in zip(self.targets, torch.isfinite(totals).tolist()) if not ok]
-                raise ValueError(f"NaN or inf in the weights {bad[:4]}: lower the learning rate or clip gradients")
+            _check_finite([t.name for t in self.targets], [self._original(i) for i in range(len(self.targets))])
+        if self._nm is not None:
+            project_groups_(self.scores, self.budget * self._nm.m / self.total, self._nm.m)
+            return
         fused = self._fused and kernels.takes(self.scores)
         result = project_(
             self.scores, self.budget, sizes=self.layout.sizes, floors=self.floors if any(self.floors) else None,
@@ -245,11 +256,12 @@ class ProbMask(MaskedModel):
     ) -> Tensor:
         """Fix one binary mask with at most ``target_kept`` ones and every floor honoured.
 
-        ``"topk"`` keeps the highest scores (exactly ``target_kept``). ``"sample"`` draws
-        ``num_samples`` Bernoulli masks, repairs each to the budget (see :mod:`probmask.fixing`)
-        and keeps the one for which ``score_fn()`` (run with that mask in place) is highest.
-        Without arguments, the ``fix`` and ``fix_samples`` given at creation. The scores stop
-        training afterwards. Returns the flat bool mask.
+        ``"topk"`` keeps the highest scores (exactly ``target_kept``; under N:M the N highest of
+        every group). ``"sample"`` draws ``num_samples`` Bernoulli masks, repairs each to the
+        budget (see :mod:`probmask.fixing`; under N:M to exactly N per group) and keeps the one
+        for which ``score_fn()`` (run with that mask in place) is highest. Without arguments, the
+        ``fix`` and ``fix_samples`` given at creation. The scores stop training afterwards. Returns
+        the flat bool mask.
         """
         self._require_live()
         method = self.fix if method is None else method
@@ -264,25 +276,12 @@ class ProbMask(MaskedModel):
         _check_fix(method, num_samples)
         if method == "sample" and num_samples > 1 and score_fn is None:
             raise ValueError("fix_mask('sample', num_samples > 1) needs score_fn to pick the best")
-        scores = self.scores.detach()
-        args = (self.target_kept, self.layout.sizes, self.floors)
+        scores, nm, args = self.scores.detach(), self._nm, (self.target_kept, self.layout.sizes, self.floors)
         if method == "topk":
-            return topk_mask(scores, *args)
-        best, best_value = None, -math.inf
-        for i in range(num_samples):
-            candidate = sample_mask(scores, *args, generator=generator)
-            if score_fn is None:
-                return candidate
-            self.mask, self._fixed = candidate, True  # in place while score_fn runs
-            try:
-                value = float(score_fn())
-            finally:
-                self.mask, self._fixed = None, False
-            log.info("fix_mask: sample %d/%d scored %.4f", i + 1, num_samples, value)
-            if value > best_value:
-                best, best_value = candidate, value
-        assert best is not None
-        return best
+            return topk_mask(scores, *args) if nm is None else topn_mask(scores, nm.n, nm.m)
+        draw = ((lambda: sample_mask(scores, *args, generator=generator)) if nm is None
+                else (lambda: sample_nm_mask(scores, nm.n, nm.m, generator)))
+        return _best_sample(self, draw, num_samples, score_fn)
 
     # ------------------------------------------------------------------ reporting and state
     def _kept(self) -> list[float]:
@@ -307,7 +306,38 @@ class ProbMask(MaskedModel):
         self._projected_binding = [bool(b) for b in state["floor_binding"]]
 
 
-def _check_fix(method: str, num_samples: int) -> None:
+def _best_sample(pm: ProbMask, draw: Callable[[], Tensor], num_samples: int,
+                 score_fn: Callable[[], float] | None) -> Tensor:
+    """The best of ``num_samples`` masks from ``draw()`` by ``score_fn()``, run with each in place
+    (the first one without ``score_fn``)."""
+    best, best_value = None, -math.inf
+    for i in range(num_samples):
+        candidate = draw()
+        if score_fn is None:
+            return candidate
+        pm.mask, pm._fixed = candidate, True  # in place while score_fn runs
+        try:
+            value = float(score_fn())
+        finally:
+            pm.mask, pm._fixed = None, False
+        log.info("fix_mask: sample %d/%d scored %.4f", i + 1, num_samples, value)
+        if value > best_value:
+            best, best_value = candidate, value
+    assert best is not None
+    return best
+
+
+def _check_finite(names: list[str], weights: list[Tensor]) -> None:
+    """Raise on NaN or inf in any of the weights (one reduction each, one host synchronisation)."""
+    totals = torch.stack([w.detach().float().sum() for w in weights])
+    if not bool(torch.isfinite(totals).all()):
+        bad = [n for n, ok in zip(names, torch.isfinite(totals).tolist()) if not ok]
+        raise ValueError(f"NaN or inf in the weights {bad[:4]}: lower the learning rate or clip gradients")
+
+
+def _check_fix(method: str, num_samples: int, granularity: Granularity = ELEMENT) -> None:
+    if granularity != ELEMENT and not isinstance(granularity, NM):
+        raise ValueError(f"ProbMask learns one score per weight: granularity ELEMENT or NM(n, m), not {granularity}")
     if method not in _FIX_METHODS:
         raise ValueError(f"unknown fix_mask method {method!r}: use 'topk' or 'sample'")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
