@@ -105,8 +105,14 @@ class _Problem:
         for size in sizes:
             self.chunks.append([(a, min(a + _CHUNK, start + size)) for a in range(start, start + size, _CHUNK)])
             start += size
-        self.layer_cost = [sum(float(costs[a:b].sum()) for a, b in ch) for ch in self.chunks]
-        self.cw_sums = [[self.cw[a:b].sum() for a, b in ch] for ch in self.chunks]
+        cost_sums = torch.stack([costs[a:b].sum() for ch in self.chunks for a, b in ch]).tolist()
+        self.cw_sums = cost_sums if not self.euclidean else torch.stack(
+            [self.cw[a:b].sum() for ch in self.chunks for a, b in ch]).tolist()
+        self.layer_cost, self.first, k = [], [], 0  # first: the index of a layer's first chunk
+        for ch in self.chunks:
+            self.layer_cost.append(sum(cost_sums[k : k + len(ch)]))
+            self.first.append(k)
+            k += len(ch)
         self.evaluations = 0.0
 
     def _u(self, a: int, b: int, t: float) -> Tensor:
@@ -117,7 +123,7 @@ class _Problem:
         """Per layer of ``layers`` at its threshold: (F, slope over 0<u<1, over u>0, over u<1)."""
         rows = []
         for layer, t in zip(layers, ts):
-            for (a, b), total in zip(self.chunks[layer], self.cw_sums[layer]):
+            for (a, b), total in zip(self.chunks[layer], self.cw_sums[self.first[layer]:]):
                 x = self._u(a, b, t).clamp_(0.0, 1.0)
                 c, cw = self.costs[a:b], self.cw[a:b]
                 above, full = torch.ceil(x) @ cw, torch.floor(x) @ cw  # over u > 0; over u >= 1
@@ -250,7 +256,7 @@ def project_weighted_(
     if sum(sizes) != n or any(x <= 0 for x in sizes):
         raise ValueError(f"sizes {sizes} do not split {n} scores into non-empty layers")
     costs = costs.to(device=scores.device, dtype=torch.float64)
-    if n and not (float(costs.min()) > 0 and math.isfinite(float(costs.sum()))):  # NaN fails the min
+    if not float(costs.min()) > 0:  # NaN fails too; +inf fails the sums below
         raise ValueError("every cost must be positive and finite")
     if not math.isfinite(float(scores.sum(dtype=torch.float64))):  # finite scores sum finitely in float64
         if scores.dtype == torch.float32 or not bool(torch.isfinite(scores).all()):
@@ -260,6 +266,8 @@ def project_weighted_(
     if not math.isfinite(start):
         raise ValueError(f"start must be finite, got {start}")
     problem = _Problem(scores, costs, sizes, metric)
+    if not math.isfinite(sum(problem.layer_cost)):
+        raise ValueError("every cost must be positive and finite (and their sum finite)")
     nl = len(sizes)
     fl = [0.0] * nl if floors is None else torch.as_tensor(floors, dtype=torch.float64).reshape(-1).tolist()
     if len(fl) != nl:
