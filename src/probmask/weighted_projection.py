@@ -33,9 +33,10 @@ threshold beyond every breakpoint and closes it); the secant's ends are weighted
 and after two steps that do not halve the bracket it bisects (in the exponent when it spans orders
 of magnitude). So every evaluation after the first few either halves the bracket or is followed by
 one that does, and any input converges within ``_MAX_EVALS`` (a float64 bracket reaches neighbouring
-floats in at most about 120 halvings), else RuntimeError. Measured: training states 4 evaluations
-from 0 and 1 warm-started; scores spread to 1e6 with costs over six decades, where F is a staircase
-with few scores in their linear range, up to 54.
+floats in at most about 120 halvings), else RuntimeError. Measured (``benchmarks/weighted_projection.py``):
+training states take 4 evaluations from 0 and 1 warm-started, plus 1-3 passes' worth for layers
+whose floor binds; scores spread to 1e6 with costs over six decades, where F is a staircase with few
+scores in their linear range, up to 54.
 
 Exactness. Thresholds are float64 and F is summed in float64 from the unrounded values
 ``clamp(s0_i - t w_i, 0, 1)``, so ties do not make F jump; the written float32 values differ from
