@@ -89,7 +89,7 @@ def test_group_projection_leaves_feasible_groups_clamped_and_meets_binding_budge
 def test_group_projection_chunks_give_the_same_answer(monkeypatch):
     s = torch.rand(1000, 4) * 1.5 - 0.2
     whole = project_groups_(s.clone().view(-1), 2.0, 4)
-    monkeypatch.setitem(probmask.nm._CHUNK_ELEMENTS, "cpu", 64)  # 2 groups per chunk
+    monkeypatch.setitem(probmask.nm._CHUNK_GROUPS, "cpu", 3)  # 3 groups per chunk
     chunked = project_groups_(s.clone().view(-1), 2.0, 4)
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
 

@@ -127,9 +127,9 @@ def _groups(t: Tensor, m: int) -> Tensor:
     return t.view(-1, m)
 
 
-# Groups per chunk of the projection: its temporaries are (groups, 2M, M), kept near this many elements.
-_CHUNK_ELEMENTS = {"cpu": 1 << 20}
-_DEFAULT_CHUNK_ELEMENTS = 1 << 25
+# Groups per chunk of the projection: on the CPU its dozen group-length temporaries stay in the cache.
+_CHUNK_GROUPS = {"cpu": 1 << 16}
+_DEFAULT_CHUNK_GROUPS = 1 << 22
 
 
 @torch.no_grad()
@@ -137,11 +137,13 @@ def project_groups_(scores: Tensor, budget: float, m: int) -> Tensor:
     """Project, in place, every group of ``m`` consecutive scores onto ``{0 <= s <= 1, sum s <= budget}``.
 
     The Euclidean projection of one group is ``clamp(s - v, 0, 1)`` with ``v = 0`` where the clamped
-    group already meets the budget, else the ``v > 0`` with ``sum clamp(s - v, 0, 1) = budget``. That
-    sum is piecewise linear in ``v`` with breakpoints ``s_i - 1`` and ``s_i``; it is evaluated at all
-    2M of them (sorted), and ``v`` is the exact interpolation on the piece where it crosses the
-    budget. All groups at once in tensor operations (in chunks bounding the temporaries). Returns
-    ``scores``; NaN or inf in them is a ValueError.
+    group already meets the budget, else the ``v > 0`` with ``f(v) = sum clamp(s - v, 0, 1) = budget``.
+    ``f`` is non-increasing and piecewise linear with breakpoints ``s_i - 1`` and ``s_i``; it is
+    evaluated at all 2M of them (and at 0), and ``v`` is the exact interpolation between the last
+    one where ``f >= budget`` and the first where ``f < budget``: no breakpoint lies between them,
+    so ``f`` is linear there. All groups at once: the work is laid out as one vector per position in
+    the group (a loop over the M(M-1)/2 pairs of positions, never over groups), in chunks of groups.
+    Returns ``scores``; NaN or inf in them is a ValueError.
     """
     budget = float(budget)
     if not budget > 0:
@@ -149,28 +151,46 @@ def project_groups_(scores: Tensor, budget: float, m: int) -> Tensor:
     groups = _groups(scores, m)
     if not bool(torch.isfinite(groups).all()):
         raise ValueError("NaN or inf in the scores: lower the learning rate or clip gradients")
-    per_chunk = max(1, _CHUNK_ELEMENTS.get(scores.device.type, _DEFAULT_CHUNK_ELEMENTS) // (2 * m * m))
-    for chunk in groups.split(per_chunk):
+    for chunk in groups.split(_CHUNK_GROUPS.get(scores.device.type, _DEFAULT_CHUNK_GROUPS)):
         _project_chunk_(chunk, budget)
     return scores
 
 
 def _project_chunk_(g: Tensor, budget: float) -> None:
-    over = g.clamp(0, 1).sum(1) > budget  # groups where the budget binds
+    m = g.shape[1]
+    cols = g.t().contiguous()  # (M, G): position i of every group, contiguous
+    points = torch.empty(2 * m + 1, cols.shape[1], dtype=g.dtype, device=g.device)  # breakpoints t
+    values = torch.zeros_like(points)  # f(t)
+    points[:m] = cols
+    torch.sub(cols, 1, out=points[m : 2 * m])
+    points[2 * m] = 0
+    torch.sum(cols.clamp(0, 1), 0, out=values[2 * m])
+    over = values[2 * m] > budget  # groups where the budget binds
     if not bool(over.any()):
         g.clamp_(0, 1)
         return
-    points = torch.cat([g - 1, g], 1).sort(dim=1).values  # (G, 2M) breakpoints, ascending
-    # f at every breakpoint: non-increasing along a row (and so is its float evaluation: rounding is monotone)
-    f = (g.unsqueeze(1) - points.unsqueeze(2)).clamp_(0, 1).sum(2)
-    last = points.shape[1] - 2
-    j = ((f >= budget).sum(1, keepdim=True) - 1).clamp_(0, last)  # the piece [points_j, points_j+1] holding v
-    lo, hi = points.gather(1, j), points.gather(1, j + 1)
-    f_lo, f_hi = f.gather(1, j), f.gather(1, j + 1)
+    # f(s_k) = sum_i clamp(s_i - s_k, 0, 1) and f(s_k - 1) = M + sum_i clamp(s_i - s_k, -1, 0); the pair
+    # (k, i) gives both terms of k and, negated, both of i (d = s_i - s_k changes sign).
+    values[m : 2 * m] = m
+    for k in range(m):
+        for i in range(k):
+            d = cols[i] - cols[k]
+            up, down = d.clamp(0, 1), d.clamp_(-1, 0)
+            values[k] += up
+            values[m + k] += down
+            values[i] -= down
+            values[m + i] -= up
+    # f's float evaluation is non-increasing in t too (rounding is monotone), so the t with f >= budget
+    # all lie left of those with f < budget; f(0) > budget and f(max s) = 0 bound both sides.
+    below = values < budget
+    lo = points.masked_fill(below, -math.inf).amax(0)
+    f_lo = values.masked_fill(below, math.inf).amin(0)
+    hi = points.masked_fill_(~below, math.inf).amin(0)
+    f_hi = values.masked_fill_(~below, -math.inf).amax(0)
     drop = f_lo - f_hi
     step = torch.where(drop > 0, (f_lo - budget) * (hi - lo) / drop.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
-    v = torch.minimum(torch.maximum(lo + step, lo), hi).clamp_min_(0)  # f is linear on the piece
-    g.sub_(v.masked_fill_(~over.unsqueeze(1), 0)).clamp_(0, 1)
+    v = torch.minimum(lo + step, hi).clamp_min_(0).masked_fill_(~over, 0)
+    g.copy_(cols.sub_(v).clamp_(0, 1).t())
 
 
 def topn_mask(scores: Tensor, n: int, m: int) -> Tensor:
