@@ -1,6 +1,10 @@
 """N:M sparsity: the spec, the per-group projection against a float64 reference, top-N, the
 semi-structured pattern check, and ProbMask(granularity=NM(2, 4)) trained, fixed and finalized."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -304,3 +308,25 @@ def test_state_round_trip_and_a_state_of_another_granularity_is_refused():
         ProbMask(mlp(), granularity=NM(1, 2)).load_state_dict(state)
     with pytest.raises(ValueError, match="granularity"):
         ProbMask(mlp(), 0.5).load_state_dict(state)
+
+
+def test_the_environment_switch_turns_the_kernels_off_and_n_m_still_holds():
+    """PROBMASK_KERNELS=0 is read when probmask.kernels is imported: a fresh interpreter."""
+    code = (
+        "import torch, probmask\n"
+        "from torch import nn\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))\n"
+        "pm = probmask.ProbMask(model, granularity=probmask.NM(2, 4))\n"
+        "assert not pm._fused\n"
+        "pm.set_epoch(3, 4); model.train()\n"
+        "opt = torch.optim.Adam(pm.score_parameters(), lr=0.05)\n"
+        "for _ in range(3):\n"
+        "    opt.zero_grad(); model(torch.randn(8, 16)).square().mean().backward(); opt.step(); pm.project()\n"
+        "pm.fix_mask()\n"
+        "assert all((m.view(m.shape[0], -1, 4).sum(-1) == 2).all() for m in pm.masks().values())\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, kernels.ENV: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
