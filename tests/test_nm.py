@@ -330,3 +330,11 @@ def test_the_environment_switch_turns_the_kernels_off_and_n_m_still_holds():
     env = {**os.environ, kernels.ENV: "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_methods_that_fix_one_global_mask_refuse_nm():
+    from probmask.app.baselines import Magnitude, RandomMask
+
+    for method in (Magnitude, RandomMask):
+        with pytest.raises(ValueError, match=r"cannot keep a budget per group \(2:4\).*ProbMask\(model, granularity"):
+            method(mlp(), 0.5, granularity=NM(2, 4))

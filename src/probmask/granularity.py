@@ -48,6 +48,8 @@ class Granularity:
         return weight * mask.to(weight.dtype)
 
     # The budget hooks, called by probmask.MaskedModel in this order.
+    per_group_budget = False  # True where each group of elements has its own budget (N:M)
+
     def check(self, names: Sequence[str], weight_shapes: Sequence[tuple[int, ...]], modules: Sequence[Any]) -> None:
         """Refuse prunable weights (named, shaped, in these modules) this granularity cannot mask."""
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,8 @@ class MaskedModel:
             counts them (:class:`probmask.NM`: N of every M consecutive input weights).
     """
 
+    learns_group_budgets: ClassVar[bool] = False  # a method that honours a per-group budget (N:M)
+
     def __init__(
         self,
         model: nn.Module,
@@ -88,6 +90,11 @@ class MaskedModel:
         freeze_weights: bool = False,
         granularity: Granularity = ELEMENT,
     ) -> None:
+        if granularity.per_group_budget and not self.learns_group_budgets:
+            raise ValueError(
+                f"{type(self).__name__} fixes one global mask and cannot keep a budget per group "
+                f"({granularity.name}); learn it with ProbMask(model, granularity=...)"
+            )
         self.sparsity = granularity.resolve_sparsity(sparsity)
         if any(parametrize.is_parametrized(m) for m in model.modules()):
             raise ValueError(

@@ -57,6 +57,8 @@ class NM(Granularity):
     n: int = 2
     m: int = 4
 
+    per_group_budget = True
+
     def __post_init__(self) -> None:
         ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m))
         if not ints or not 0 < self.n < self.m:

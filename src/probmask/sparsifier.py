@@ -75,6 +75,8 @@ class ProbMask(MaskedModel):
     :func:`probmask.kernels.settings`.
     """
 
+    learns_group_budgets = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -95,7 +97,9 @@ class ProbMask(MaskedModel):
     ) -> None:
         if not 0.0 <= score_init <= 1.0:
             raise ValueError(f"score_init is a probability and must lie in [0, 1], got {score_init}")
-        _check_fix(fix, fix_samples, granularity)
+        if granularity != ELEMENT and not isinstance(granularity, NM):
+            raise ValueError(f"ProbMask learns one score per weight: granularity ELEMENT or NM(n, m), not {granularity}")
+        _check_fix(fix, fix_samples)
         super().__init__(model, sparsity, module_types=module_types, include=include, exclude=exclude,
                          floor=floor, freeze_weights=freeze_weights, granularity=granularity)
         self._nm = granularity if isinstance(granularity, NM) else None
@@ -335,9 +339,7 @@ def _check_finite(names: list[str], weights: list[Tensor]) -> None:
         raise ValueError(f"NaN or inf in the weights {bad[:4]}: lower the learning rate or clip gradients")
 
 
-def _check_fix(method: str, num_samples: int, granularity: Granularity = ELEMENT) -> None:
-    if granularity != ELEMENT and not isinstance(granularity, NM):
-        raise ValueError(f"ProbMask learns one score per weight: granularity ELEMENT or NM(n, m), not {granularity}")
+def _check_fix(method: str, num_samples: int) -> None:
     if method not in _FIX_METHODS:
         raise ValueError(f"unknown fix_mask method {method!r}: use 'topk' or 'sample'")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
