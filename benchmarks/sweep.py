@@ -72,6 +72,23 @@ def _run_dir(out: Path, method: str, sparsity: float, seed: int) -> Path:
     return out / "runs" / method / level / f"seed{seed}"
 
 
+def run_jobs(jobs: list[dict[str, Any]], report: Any, processes: int) -> None:
+    """Run, resume or reuse every job with :func:`_one_run`, ``processes`` at a time (in spawned
+    workers when more than one), calling ``report(i, outcome)`` as job ``i`` finishes."""
+    if processes == 1:
+        for i, job in enumerate(jobs):
+            report(i, _one_run(job))
+        return
+    with multiprocessing.get_context("spawn").Pool(processes, maxtasksperchild=8) as pool:
+        pending = {i: pool.apply_async(_one_run, (job,)) for i, job in enumerate(jobs)}
+        while pending:
+            for i in [i for i, res in pending.items() if res.ready()]:
+                report(i, pending.pop(i).get())
+            time.sleep(0.2)
+        pool.close()  # let the workers exit by themselves: terminate() (the with) can leak a semaphore
+        pool.join()
+
+
 def _one_run(job: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or reuse) one run directory; returns its results.json plus timing."""
     import yaml
@@ -344,18 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{time.perf_counter() - begin:.0f}s elapsed)", flush=True)
 
     try:
-        if args.jobs == 1:
-            for i, job in enumerate(jobs):
-                report(i, _one_run(job))
-        else:
-            with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=8) as pool:
-                pending = {i: pool.apply_async(_one_run, (job,)) for i, job in enumerate(jobs)}
-                while pending:
-                    for i in [i for i, res in pending.items() if res.ready()]:
-                        report(i, pending.pop(i).get())
-                    time.sleep(0.2)
-                pool.close()  # let the workers exit by themselves: terminate() (the with) can leak a semaphore
-                pool.join()
+        run_jobs(jobs, report, args.jobs)
     except (ValueError, UserError) as err:
         print(f"sweep: {err}", file=sys.stderr)
         return 2

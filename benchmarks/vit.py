@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import platform
 import statistics
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import _one_run  # noqa: E402  (the sweep's worker: run, resume or reuse one run directory)
+from sweep import run_jobs  # noqa: E402  (the sweep's runner: run, resume or reuse run directories)
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- benchmarks/vit.py: begin -->", "<!-- benchmarks/vit.py: end -->"
@@ -194,20 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.finished:
         jobs = [job for job in jobs if (Path(job["run_dir"]) / "results.json").is_file()]
         outcomes = [None] * len(jobs)
-        for i, job in enumerate(jobs):
-            report(i, _one_run(job))  # reuses the finished run
-    elif args.jobs == 1:
-        for i, job in enumerate(jobs):
-            report(i, _one_run(job))
+        run_jobs(jobs, report, 1)  # reuses the finished runs
     else:
-        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=4) as pool:
-            pending = {i: pool.apply_async(_one_run, (job,)) for i, job in enumerate(jobs)}
-            while pending:
-                for i in [i for i, res in pending.items() if res.ready()]:
-                    report(i, pending.pop(i).get())
-                time.sleep(0.5)
-            pool.close()
-            pool.join()
+        run_jobs(jobs, report, args.jobs)
     try:
         table, numbers = summarize(jobs, [o for o in outcomes if o is not None])  # every job has its outcome here
     except ValueError as err:

@@ -23,12 +23,7 @@ def _compiler_missing() -> str | None:
     return None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_bf16_autocast_keeps_scores_and_projection_in_float32():

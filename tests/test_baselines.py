@@ -25,12 +25,7 @@ TARGET = math.floor(0.2 * TOTAL + 1e-6)
 BASELINES = ["dense", "edgepopup", "gmp", "gmp_uniform", "oneshot", "random"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _overrides(method: str) -> list[str]:

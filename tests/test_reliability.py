@@ -25,12 +25,7 @@ from runner_util import TINY
 QUICK = [*TINY, "train.epochs=2", "finetune.epochs=1", "data.train_size=256", "data.test_size=100"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class Reached(Exception):

@@ -28,12 +28,7 @@ TINY_VIT = ["model.name=vit_tiny", *SMALL, "data.train_size=768", "data.test_siz
 SMALL_TOTAL = 784 + 2 * (768 + 256 + 512 + 512) + 160
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
