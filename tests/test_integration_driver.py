@@ -71,6 +71,9 @@ def test_loss_scale_is_divided_out_and_overflow_skips_the_step():
     b.probmask.scores.grad = torch.full_like(before, float("inf"))
     assert b.optimizer_step(1024.0) is False
     assert torch.equal(b.probmask.scores.detach(), before) and b.probmask.scores.grad is None
+    b.probmask.scores.grad = torch.full_like(before, float("nan"))  # unscaled: the projection refuses it
+    with pytest.raises(ValueError, match="NaN or inf in the scores"):
+        b.optimizer_step()
 
 
 def test_state_round_trip_resumes_identically():

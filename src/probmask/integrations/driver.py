@@ -124,8 +124,8 @@ class StepDriver:
     def optimizer_step(self, grad_scale: float = 1.0) -> bool:
         """Step the scores with their gradients (divided by ``grad_scale``, the mixed-precision
         loss scale) and project them; call once per optimizer step of the trainer, before it
-        zeroes the gradients. Skips a step whose gradients are not finite, as a loss scaler does,
-        and returns whether it stepped."""
+        zeroes the gradients. Under loss scaling, skips a step whose gradients are not finite, as
+        the scaler does; returns whether it stepped."""
         pm = self._live()
         if pm._fixed:
             return False
@@ -138,9 +138,10 @@ class StepDriver:
         if world > 1:
             torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
             grad.div_(world)
-        if grad_scale != 1.0:
+        finite = True
+        if grad_scale != 1.0:  # a loss scaler overflows now and then: skip that step, as it does
             grad.div_(grad_scale)
-        finite = bool(torch.isfinite(grad).all())
+            finite = bool(torch.isfinite(grad).all())  # otherwise the projection's own check catches NaN
         if finite:
             self.optimizer.step()
             pm.step()  # the projection
